@@ -1,0 +1,27 @@
+"""residual_fast: exact, fast ResiDual (arXiv 2411.00246) for vision transformers."""
+
+from ._version import __version__
+from .decompose import Decomposition, capture, decompose
+from .fused import ResiDualVisual
+from .models import UnsupportedModelError, get_adapter
+from .residual import VARIANTS, ResiDual
+from .spectral import SpectralBases, UnitMoments, accumulate_moments, fit_bases
+from .units import Activations, UnitTable
+
+__all__ = [
+    "VARIANTS",
+    "Activations",
+    "Decomposition",
+    "ResiDual",
+    "ResiDualVisual",
+    "SpectralBases",
+    "UnitMoments",
+    "UnitTable",
+    "UnsupportedModelError",
+    "__version__",
+    "accumulate_moments",
+    "capture",
+    "decompose",
+    "fit_bases",
+    "get_adapter",
+]

@@ -1,0 +1,47 @@
+"""Model-family adapters: where each family keeps its residual units."""
+
+from __future__ import annotations
+
+from torch import nn
+
+from .base import (
+    UNIT_KINDS,
+    ReadoutSpec,
+    UnitSink,
+    UnsupportedModelError,
+    VisualAdapter,
+    fingerprint_mismatch,
+)
+from .open_clip import OpenCLIPVisualAdapter
+
+ADAPTERS: list[type[VisualAdapter]] = [OpenCLIPVisualAdapter]
+
+
+def get_adapter(visual: nn.Module) -> VisualAdapter:
+    """The family adapter for ``visual`` (the image tower), or a clear error."""
+    if not isinstance(visual, nn.Module):
+        raise TypeError(f"expected an nn.Module image encoder, got {type(visual).__name__}")
+    inner = getattr(visual, "wrapped_visual", None)
+    if inner is not None:  # a ResiDualVisual: decompose the model it wraps
+        visual = inner
+    for cls in ADAPTERS:
+        if cls.accepts(visual):
+            return cls(visual)
+    hint = " (pass model.visual, not the whole CLIP model)" if hasattr(visual, "visual") else ""
+    raise UnsupportedModelError(
+        f"no residual_fast adapter for {type(visual).__module__}.{type(visual).__name__}{hint}; "
+        f"supported: {', '.join(c.family for c in ADAPTERS)} VisionTransformer"
+    )
+
+
+__all__ = [
+    "ADAPTERS",
+    "UNIT_KINDS",
+    "OpenCLIPVisualAdapter",
+    "ReadoutSpec",
+    "UnitSink",
+    "UnsupportedModelError",
+    "VisualAdapter",
+    "fingerprint_mismatch",
+    "get_adapter",
+]

@@ -1,0 +1,159 @@
+"""What every model family exposes to residual_fast.
+
+A family adapter (one file per family) reads a vision transformer's modules and
+provides two things:
+
+* a :class:`ReadoutSpec`: the linear maps that carry each residual unit's raw
+  vector to the output embedding (DESIGN.md section 2), read from the module;
+* a walk of the model's forward that hands each unit's raw vector at the pooled
+  position to a :class:`UnitSink` while the ViT runs, and returns the pooled
+  final residual and the model's output.
+
+Everything above this layer (decomposition, bases, ResiDual, the fused encoder)
+is written against these two objects only.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass, field
+from typing import Protocol
+
+import torch
+from torch import nn
+
+UNIT_KINDS = ("emb", "head", "mlp")
+
+
+class UnsupportedModelError(ValueError):
+    """The model (or one of its configurations) cannot be decomposed exactly."""
+
+
+@dataclass
+class ReadoutSpec:
+    """Where the residual units of a ViT live and how they reach the output.
+
+    Shapes: ``L`` layers, ``H`` heads of dim ``hd``, width ``w = H * hd``,
+    output dim ``D``. Tensors are detached views of the model's own weights.
+    """
+
+    family: str
+    num_layers: int
+    num_heads: int
+    head_dim: int
+    width: int
+    out_dim: int
+    pool: str  # "cls" or "mean"
+    ln_weight: torch.Tensor  # (w,)
+    ln_bias: torch.Tensor  # (w,)
+    ln_eps: float
+    proj: torch.Tensor | None  # (w, D) or None for the identity
+    proj_bias: torch.Tensor | None  # (D,) or None
+    attn_out_weight: torch.Tensor  # (L, w, w), torch Linear layout (out, in)
+    attn_out_bias: torch.Tensor  # (L, w)
+    ls_attn: torch.Tensor  # (L, w) layer scale of the attention branch (ones if none)
+    ls_mlp: torch.Tensor  # (L, w) layer scale of the MLP branch (ones if none)
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def num_units(self) -> int:
+        return 1 + self.num_layers * (self.num_heads + 1)
+
+    def raw_dim(self, kind: str) -> int:
+        """Length of a unit's raw vector ``r_u``."""
+        return self.head_dim if kind == "head" else self.width
+
+    def dims(self) -> dict:
+        return {
+            "family": self.family,
+            "num_layers": self.num_layers,
+            "num_heads": self.num_heads,
+            "head_dim": self.head_dim,
+            "width": self.width,
+            "out_dim": self.out_dim,
+            "pool": self.pool,
+            "ln_eps": self.ln_eps,
+            "has_proj": self.proj is not None,
+            "has_proj_bias": self.proj_bias is not None,
+        }
+
+    def weight_hashes(self) -> dict[str, str]:
+        """sha256 of every weight the readout depends on (float32 bytes)."""
+        named = {
+            "ln_weight": self.ln_weight,
+            "ln_bias": self.ln_bias,
+            "proj": self.proj,
+            "proj_bias": self.proj_bias,
+            "attn_out_weight": self.attn_out_weight,
+            "attn_out_bias": self.attn_out_bias,
+            "ls_attn": self.ls_attn,
+            "ls_mlp": self.ls_mlp,
+        }
+        out = {}
+        for name, t in named.items():
+            if t is None:
+                out[name] = "none"
+                continue
+            data = t.detach().to("cpu", torch.float32).contiguous().numpy().tobytes()
+            out[name] = hashlib.sha256(data).hexdigest()[:16]
+        return out
+
+    def fingerprint(self) -> dict:
+        return {"dims": self.dims(), "weights": self.weight_hashes()}
+
+
+def fingerprint_mismatch(expected: dict, actual: dict) -> str | None:
+    """A sentence naming the first difference between two fingerprints, or None."""
+    for key, val in expected["dims"].items():
+        got = actual["dims"].get(key)
+        if got != val:
+            return f"{key} is {val!r} in the saved model but {got!r} in this one"
+    for key, val in expected["weights"].items():
+        got = actual["weights"].get(key)
+        if got != val:
+            return f"weight '{key}' differs (hash {val} saved, {got} here)"
+    return None
+
+
+class UnitSink(Protocol):
+    """Receives the raw unit vectors at the pooled position during a walk."""
+
+    def emb(self, r: torch.Tensor) -> None: ...  # (n, w)
+
+    def attn(self, layer: int, r: torch.Tensor) -> None: ...  # (n, w) = H heads of hd, pre out-proj
+
+    def mlp(self, layer: int, r: torch.Tensor) -> None: ...  # (n, w)
+
+
+class VisualAdapter:
+    """Base class of the model-family adapters."""
+
+    family: str = "base"
+
+    def __init__(self, visual: nn.Module):
+        self.visual = visual
+
+    @classmethod
+    def accepts(cls, visual: nn.Module) -> bool:
+        raise NotImplementedError
+
+    def spec(self) -> ReadoutSpec:
+        raise NotImplementedError
+
+    def walk(self, images: torch.Tensor, sink: UnitSink | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Run the ViT; return ``(z, output)``: pooled final residual (n, w), output (n, D)."""
+        raise NotImplementedError
+
+    def check_images(self, images: torch.Tensor) -> None:
+        """Raise a clear error for input the model cannot take."""
+        if not isinstance(images, torch.Tensor):
+            raise TypeError(f"images must be a torch.Tensor, got {type(images).__name__}")
+        if images.ndim != 4:
+            raise ValueError(f"images must be (n, C, H, W), got shape {tuple(images.shape)}")
+        if images.shape[0] == 0:
+            raise ValueError("images is an empty batch")
+        if not images.is_floating_point():
+            raise TypeError(f"images must be a floating-point tensor, got {images.dtype}")
+        p = next(self.visual.parameters())
+        if images.device != p.device:
+            raise ValueError(f"images are on {images.device} but the model is on {p.device}")

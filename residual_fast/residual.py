@@ -1,0 +1,364 @@
+"""The ResiDual module (DESIGN.md section 3) and its factorized computation (section 4.3)."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from ._version import __version__
+from .models import UNIT_KINDS, ReadoutSpec, fingerprint_mismatch, get_adapter
+from .ops import spectral_reweight
+from .ops.spectral_reweight import packed_index, pad_packed
+from .serialization import load_bundle, save_bundle
+from .spectral import SpectralBases, _check_kinds
+from .units import Activations, UnitTable, affine_maps
+
+VARIANTS: dict[str, dict] = {
+    # one scalar per head, no PCA, other units dropped
+    "coarse": {"units": ("head",), "scalar": True, "k": None, "evr_threshold": None, "padding": 0, "ablation": "zero"},
+    # head components up to 90% cumulative EVR, the rest dropped
+    "fine": {"units": ("head",), "scalar": False, "k": None, "evr_threshold": 0.9, "padding": 0, "ablation": "zero"},
+    # every component of heads and MLPs, the embedding passed through
+    "full": {"units": ("head", "mlp"), "scalar": False, "k": "all", "evr_threshold": None, "padding": 1,
+             "ablation": "sum"},
+}
+ABLATIONS = ("sum", "mean", "zero")
+INITS = ("ones", "randn", "eigen")
+
+
+class UnitGroup(nn.Module):
+    """The adapted units of one kind: packed components, their lambdas, spec-derived maps."""
+
+    def __init__(self, kind: str, scalar: bool, components: torch.Tensor, offsets: torch.Tensor,
+                 zmean: torch.Tensor, eigenvalues: torch.Tensor, lam: torch.Tensor):
+        super().__init__()
+        self.kind = kind
+        self.scalar = scalar
+        self.register_buffer("components", components)  # (K, D) packed
+        self.register_buffer("offsets", offsets)  # (U + 1,)
+        self.register_buffer("zmean", zmean)  # (U, q)
+        self.register_buffer("eigenvalues", eigenvalues)  # (K,)
+        self.lam = nn.Parameter(lam)
+
+    @property
+    def num_units(self) -> int:
+        return self.offsets.numel() - 1
+
+    def ks(self) -> list[int]:
+        return (self.offsets[1:] - self.offsets[:-1]).tolist()
+
+    def index(self) -> tuple[torch.Tensor, torch.Tensor]:
+        units, pos, _ = packed_index(self.offsets)
+        return units, pos
+
+    def padded_components(self) -> torch.Tensor:
+        return pad_packed(self.components, self.offsets)
+
+    def bind(self, spec: ReadoutSpec) -> None:
+        """Derive the maps that come from the model: ``F``, ``const`` and ``R = F B.T``, ``t``."""
+        F, const = affine_maps(spec, self.kind)
+        dev = self.zmean.device
+        F, const = F.to(dev), const.to(dev)
+        self.register_buffer("F", F, persistent=False)  # (U, q, D) float64
+        self.register_buffer("const", const, persistent=False)  # (U, D)
+        if not self.scalar:
+            units, _ = self.index()
+            R = torch.einsum("kqd,kd->kq", F[units], self.components.to(F.dtype))  # (K, q)
+            t = -(self.zmean.to(F.dtype)[units] * R).sum(dim=-1)
+            self.register_buffer("R", R, persistent=False)
+            self.register_buffer("t", t, persistent=False)
+
+
+@dataclass
+class FoldedReadout:
+    """The adapted readout as one affine map of each kind's raw vectors (DESIGN.md 4.4).
+
+    ``y = (sum_kind sum_u r_u @ G_kind[u, :raw] + v1) / s + (mu / s) v2 + c (+ out)``
+    """
+
+    G: dict[str, torch.Tensor]  # kind -> (U_kind, q, D) float64
+    v1: torch.Tensor  # (D,)
+    v2: torch.Tensor
+    c: torch.Tensor
+    add_output: bool
+
+
+class ResiDual(nn.Module):
+    """Spectral re-weighting of residual units (Basile et al., TMLR 2025, arXiv 2411.00246).
+
+    Build it with :meth:`from_bases`. Its only parameters are the ``lambdas``.
+    ``forward(acts)`` computes the adapted output embedding from the raw unit
+    vectors of one pass (:class:`residual_fast.Activations`), never materializing
+    an (n, U, D) tensor; :func:`residual_fast.ops.residual_reference` computes the
+    same from materialized contributions.
+
+    Semantics (per adapted unit ``u`` with mean ``m_u``, components ``B_u``)::
+
+        y = sum_{u in A} ((o_u - m_u) @ B_u.T * lambda_u) @ B_u   [+ m_u if add_means]  + rest
+
+    where components past ``k_u`` get ``padding`` (0 drops them, 1 passes them
+    through) and ``rest`` is the sum of the other units' contributions (``"sum"``),
+    of their calibration means (``"mean"``) or nothing (``"zero"``). The
+    ``coarse`` variant instead scales each whole head contribution by one scalar.
+    """
+
+    def __init__(self, spec: ReadoutSpec, groups: dict[str, UnitGroup], means: torch.Tensor, *, variant: str,
+                 padding: int, ablation: str, add_means: bool, init: str, seed: int):
+        super().__init__()
+        self.table = UnitTable(spec.num_layers, spec.num_heads)
+        self.groups = nn.ModuleDict(groups)
+        self.register_buffer("means", means)  # (U, D) calibration means of every unit
+        self.variant = variant
+        self.padding = int(padding)
+        self.ablation = ablation
+        self.add_means = bool(add_means)
+        self.init = init
+        self.seed = seed
+        self.fingerprint = spec.fingerprint()
+        self.out_dim = spec.out_dim
+        self._bind(spec)
+
+    def _bind(self, spec: ReadoutSpec) -> None:
+        self.spec = spec
+        for g in self.groups.values():
+            g.bind(spec)
+
+    # -- construction ---------------------------------------------------------
+    @classmethod
+    def from_bases(cls, bases: SpectralBases, variant: str = "fine", *, units: Sequence[str] | None = None,
+                   k: int | str | None = None, evr_threshold: float | None = None, padding: int | None = None,
+                   ablation: str | None = None, add_means: bool = False, init: str = "randn",
+                   seed: int = 0) -> ResiDual:
+        """A ResiDual adapter from fitted bases.
+
+        Args:
+            bases: from :func:`residual_fast.fit_bases`.
+            variant: ``"coarse"``, ``"fine"`` or ``"full"`` (the paper's three); the keyword
+                arguments below override the variant's defaults.
+            units: unit kinds to adapt (``"emb"``, ``"head"``, ``"mlp"``).
+            k: components per unit: an int (clipped to each unit's rank) or ``"all"``.
+            evr_threshold: instead of ``k``, the smallest ``k`` whose cumulative explained
+                variance exceeds this (fine: 0.9).
+            padding: weight of components past ``k``: 0 drops them, 1 passes them through.
+            ablation: what the non-adapted units contribute: ``"sum"`` (their contributions),
+                ``"mean"`` (their calibration means) or ``"zero"``.
+            add_means: add the adapted units' calibration means back (the paper's code does not).
+            init: lambda initialization: ``"ones"``, ``"randn"`` (N(1, 1), seeded) or ``"eigen"``
+                (each component's standard deviation, ``sqrt(eigenvalue)``).
+            seed: seed of the ``randn`` initialization.
+        """
+        if not isinstance(bases, SpectralBases):
+            raise TypeError(f"bases must be SpectralBases (from rf.fit_bases), got {type(bases).__name__}")
+        if variant not in VARIANTS:
+            raise ValueError(f"unknown variant {variant!r}; choose one of {tuple(VARIANTS)}")
+        cfg = dict(VARIANTS[variant])
+        if units is not None:
+            cfg["units"] = _check_kinds(units)
+        if k is not None or evr_threshold is not None:
+            if k is not None and evr_threshold is not None:
+                raise ValueError("give either k or evr_threshold, not both")
+            cfg["k"], cfg["evr_threshold"] = k, evr_threshold
+        if padding is not None:
+            cfg["padding"] = padding
+        if ablation is not None:
+            cfg["ablation"] = ablation
+        if cfg["padding"] not in (0, 1):
+            raise ValueError(f"padding must be 0 or 1, got {cfg['padding']!r}")
+        if cfg["ablation"] not in ABLATIONS:
+            raise ValueError(f"ablation must be one of {ABLATIONS}, got {cfg['ablation']!r}")
+        if init not in INITS:
+            raise ValueError(f"init must be one of {INITS}, got {init!r}")
+        if cfg["scalar"] and init == "eigen":
+            raise ValueError("init='eigen' needs PCA components; the coarse variant has none")
+        if cfg["scalar"] and add_means:
+            raise ValueError("add_means applies to centered (PCA) variants, not to coarse")
+
+        spec = bases.spec
+        table = bases.table
+        gen = torch.Generator().manual_seed(seed)
+        groups = {}
+        for kind in cfg["units"]:
+            if cfg["scalar"]:
+                n = table.count(kind)
+                q = spec.raw_dim(kind) + 2
+                lam = _init_lambda(init, torch.zeros(n), gen)
+                groups[kind] = UnitGroup(kind, True, torch.zeros(0, spec.out_dim, dtype=torch.float64),
+                                         torch.arange(n + 1), torch.zeros(n, q, dtype=torch.float64),
+                                         torch.zeros(0, dtype=torch.float64), lam)
+                continue
+            if kind not in bases.pca:
+                raise ValueError(f"the bases have no PCA for {kind!r} units (fitted: {bases.units}); "
+                                 f"refit with fit_bases(..., units={tuple(cfg['units'])})")
+            rank = bases.rank(kind)
+            ks = _select_k(bases, kind, cfg["k"], cfg["evr_threshold"], rank)
+            comps = bases.components(kind)
+            eig = bases.eigenvalues(kind)
+            offsets = torch.zeros(ks.numel() + 1, dtype=torch.long)
+            offsets[1:] = ks.cumsum(0)
+            units_idx, pos, _ = packed_index(offsets)
+            packed = comps[units_idx, pos]
+            packed_eig = eig[units_idx, pos]
+            lam = _init_lambda(init, packed_eig, gen)
+            groups[kind] = UnitGroup(kind, False, packed, offsets, bases.zmean(kind).clone(), packed_eig, lam)
+        return cls(spec, groups, bases.means.clone(), variant=variant, padding=cfg["padding"],
+                   ablation=cfg["ablation"], add_means=add_means, init=init, seed=seed)
+
+    # -- introspection ----------------------------------------------------------
+    @property
+    def lambdas(self) -> dict[str, nn.Parameter]:
+        return {kind: g.lam for kind, g in self.groups.items()}
+
+    def num_parameters(self) -> int:
+        """Number of trainable numbers (the lambdas)."""
+        return sum(p.numel() for p in self.parameters())
+
+    def ks(self) -> dict[str, list[int]]:
+        """Components per adapted unit (1 per unit for coarse)."""
+        return {kind: g.ks() for kind, g in self.groups.items()}
+
+    def extra_repr(self) -> str:
+        return (f"variant={self.variant!r}, units={tuple(self.groups)}, padding={self.padding}, "
+                f"ablation={self.ablation!r}, add_means={self.add_means}, parameters={self.num_parameters()}")
+
+    # -- the factorized computation --------------------------------------------
+    def forward(self, acts: Activations) -> torch.Tensor:
+        """Adapted output embedding (n, D) from one pass's raw unit vectors."""
+        if not isinstance(acts, Activations):
+            raise TypeError("ResiDual expects residual_fast.Activations (from a capture or cache); "
+                            "to adapt an image encoder use rf.ResiDualVisual(visual, adapter)")
+        dtype = acts.output.dtype if acts.output.dtype in (torch.float32, torch.float64) else torch.float32
+        y = torch.zeros(acts.output.shape[0], self.out_dim, dtype=dtype, device=acts.output.device)
+        sum_abl = 1.0 if self.ablation == "sum" else 0.0
+        for kind, g in self.groups.items():
+            Z = acts.zvec(kind, self.spec, dtype=dtype)
+            F, const = g.F.to(dtype), g.const.to(dtype)
+            lam = g.lam.to(dtype)
+            if g.scalar:
+                y = y + torch.einsum("nuq,u,uqd->nd", Z, lam - sum_abl, F) + ((lam - sum_abl)[:, None] * const).sum(0)
+                continue
+            y = y + spectral_reweight(Z, g.R.to(dtype), g.t.to(dtype), lam - self.padding,
+                                      g.components.to(dtype), g.offsets)
+            lin = self.padding - sum_abl
+            if lin:
+                y = y + lin * torch.einsum("nuq,uqd->nd", Z, F)
+            y = y + self._group_constant(g).to(dtype)
+        if self.ablation == "sum":
+            y = y + acts.output.to(dtype)
+        elif self.ablation == "mean":
+            y = y + self._rest_mean().to(device=y.device, dtype=dtype)
+        return y
+
+    def _group_constant(self, g: UnitGroup) -> torch.Tensor:
+        """Constant of a PCA group: ``-padding * zmean F + add_means * m - [sum] const``."""
+        idx = self.table.indices(g.kind).to(self.means.device)
+        zF = torch.einsum("uq,uqd->d", g.zmean.to(g.F.dtype), g.F)
+        out = -self.padding * zF
+        if self.add_means:
+            out = out + self.means[idx].to(g.F.dtype).sum(0)
+        if self.ablation == "sum":
+            out = out - g.const.sum(0)
+        return out
+
+    def _rest_mean(self) -> torch.Tensor:
+        rest = torch.ones(len(self.table), dtype=torch.bool)
+        for kind in self.groups:
+            rest[self.table.indices(kind)] = False
+        return self.means[rest.to(self.means.device)].sum(0)
+
+    def fold(self) -> FoldedReadout:
+        """Fold the current lambdas into one affine map per kind (for the fused encoder).
+
+        Differentiable in the lambdas; everything is computed in float64.
+        """
+        sum_abl = 1.0 if self.ablation == "sum" else 0.0
+        D = self.out_dim
+        dev = self.means.device
+        G = {}
+        c = torch.zeros(D, dtype=torch.float64, device=dev)
+        for kind, g in self.groups.items():
+            lam = g.lam.to(torch.float64)
+            if g.scalar:
+                G[kind] = (lam - sum_abl)[:, None, None] * g.F
+                c = c + ((lam - sum_abl)[:, None] * g.const).sum(0)
+                continue
+            w = lam - self.padding
+            Rp = pad_packed(g.R, g.offsets)  # (U, kmax, q)
+            WB = pad_packed(w[:, None] * g.components.to(torch.float64), g.offsets)  # (U, kmax, D)
+            Gk = Rp.transpose(1, 2) @ WB
+            lin = self.padding - sum_abl
+            if lin:
+                Gk = Gk + lin * g.F
+            G[kind] = Gk
+            c = c + (g.t * w) @ g.components.to(torch.float64) + self._group_constant(g)
+        if self.ablation == "mean":
+            c = c + self._rest_mean().to(torch.float64)
+        v1 = sum(Gk[:, -2].sum(0) for Gk in G.values())
+        v2 = sum(Gk[:, -1].sum(0) for Gk in G.values())
+        return FoldedReadout(G, v1, v2, c, add_output=self.ablation == "sum")
+
+    # -- persistence --------------------------------------------------------------
+    def save(self, path: str | os.PathLike) -> None:
+        """Write the adapter to the folder ``path`` (safetensors tensors + JSON metadata)."""
+        tensors = {"means": self.means}
+        for kind, g in self.groups.items():
+            for name in ("components", "offsets", "zmean", "eigenvalues"):
+                tensors[f"{kind}.{name}"] = getattr(g, name)
+            tensors[f"{kind}.lambda"] = g.lam
+        meta = {
+            "kind": "residual_adapter",
+            "version": __version__,
+            "variant": self.variant,
+            "units": list(self.groups),
+            "scalar": {k: g.scalar for k, g in self.groups.items()},
+            "k": self.ks(),
+            "padding": self.padding,
+            "ablation": self.ablation,
+            "add_means": self.add_means,
+            "init": self.init,
+            "seed": self.seed,
+            "num_parameters": self.num_parameters(),
+            "fingerprint": self.fingerprint,
+        }
+        save_bundle(path, tensors, meta)
+
+    @classmethod
+    def load(cls, path: str | os.PathLike, visual: nn.Module) -> ResiDual:
+        """Load an adapter saved with :meth:`save` onto ``visual`` (the model it was fitted on)."""
+        tensors, meta = load_bundle(path, "residual_adapter")
+        spec = get_adapter(visual).spec()
+        why = fingerprint_mismatch(meta["fingerprint"], spec.fingerprint())
+        if why:
+            raise ValueError(f"the adapter at {path} was fitted on another model: {why}")
+        groups = {}
+        for kind in meta["units"]:
+            if kind not in UNIT_KINDS:
+                raise ValueError(f"corrupt adapter metadata: unit kind {kind!r}")
+            groups[kind] = UnitGroup(kind, bool(meta["scalar"][kind]), tensors[f"{kind}.components"],
+                                     tensors[f"{kind}.offsets"], tensors[f"{kind}.zmean"],
+                                     tensors[f"{kind}.eigenvalues"], tensors[f"{kind}.lambda"])
+        out = cls(spec, groups, tensors["means"], variant=meta["variant"], padding=meta["padding"],
+                  ablation=meta["ablation"], add_means=meta["add_means"], init=meta["init"], seed=meta["seed"])
+        return out.to(spec.ln_weight.device)
+
+
+def _select_k(bases: SpectralBases, kind: str, k, evr_threshold, rank: torch.Tensor) -> torch.Tensor:
+    if evr_threshold is not None:
+        return bases.k_for_evr(kind, float(evr_threshold))
+    if k is None or k == "all":
+        return rank.clone()
+    if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+        raise ValueError(f"k must be a positive int or 'all', got {k!r}")
+    return torch.clamp(rank, max=k)
+
+
+def _init_lambda(init: str, eigenvalues: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+    n = eigenvalues.numel()
+    if init == "ones":
+        return torch.ones(n)
+    if init == "randn":
+        return torch.randn(n, generator=gen) + 1.0
+    return eigenvalues.to(torch.float32).clamp_min(0).sqrt()

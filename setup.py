@@ -1,0 +1,39 @@
+"""Build script.
+
+The package installs as pure Python. CUDA kernels under ``csrc/`` are built as
+an extension when a CUDA toolchain and a CUDA build of torch are present
+(``RESIDUAL_FAST_FORCE_CUDA=1`` forces the build, ``RESIDUAL_FAST_SKIP_CUDA=1``
+skips it). Install with ``pip install --no-build-isolation`` so the build uses
+the torch already installed.
+"""
+
+import glob
+import os
+
+from setuptools import setup
+
+
+def cuda_extensions():
+    sources = sorted(glob.glob("csrc/*.cu")) + sorted(glob.glob("csrc/*.cpp"))
+    if os.environ.get("RESIDUAL_FAST_SKIP_CUDA") == "1" or not sources:
+        return [], {}
+    force = os.environ.get("RESIDUAL_FAST_FORCE_CUDA") == "1"
+    try:
+        import torch
+        from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CUDAExtension
+    except ImportError:
+        if force:
+            raise
+        return [], {}
+    if not force and (CUDA_HOME is None or torch.version.cuda is None):
+        return [], {}
+    ext = CUDAExtension(
+        name="residual_fast._C",
+        sources=sources,
+        extra_compile_args={"cxx": ["-O3"], "nvcc": ["-O3", "--use_fast_math"]},
+    )
+    return [ext], {"build_ext": BuildExtension}
+
+
+ext_modules, cmdclass = cuda_extensions()
+setup(ext_modules=ext_modules, cmdclass=cmdclass)
