@@ -238,13 +238,13 @@ class ResiDual(nn.Module):
             F, const = g.F.to(dtype), g.const.to(dtype)
             lam = g.lam.to(dtype)
             if g.scalar:
-                y = y + torch.einsum("nuq,u,uqd->nd", Z, lam - sum_abl, F) + ((lam - sum_abl)[:, None] * const).sum(0)
+                y = y + _flat_mm(Z * (lam - sum_abl)[:, None], F) + ((lam - sum_abl)[:, None] * const).sum(0)
                 continue
             y = y + spectral_reweight(Z, g.R.to(dtype), g.t.to(dtype), lam - self.padding,
                                       g.components.to(dtype), g.offsets)
             lin = self.padding - sum_abl
             if lin:
-                y = y + lin * torch.einsum("nuq,uqd->nd", Z, F)
+                y = y + lin * _flat_mm(Z, F)
             y = y + self._group_constant(g).to(dtype)
         if self.ablation == "sum":
             y = y + acts.output.to(dtype)
@@ -343,6 +343,11 @@ class ResiDual(nn.Module):
         out = cls(spec, groups, tensors["means"], variant=meta["variant"], padding=meta["padding"],
                   ablation=meta["ablation"], add_means=meta["add_means"], init=meta["init"], seed=meta["seed"])
         return out.to(spec.ln_weight.device)
+
+
+def _flat_mm(Z: torch.Tensor, F: torch.Tensor) -> torch.Tensor:
+    """``sum_u Z[:, u] @ F[u]`` as one GEMM (an einsum would materialize (U, n, D))."""
+    return Z.reshape(Z.shape[0], -1) @ F.reshape(-1, F.shape[-1])
 
 
 def _select_k(bases: SpectralBases, kind: str, k, evr_threshold, rank: torch.Tensor) -> torch.Tensor:

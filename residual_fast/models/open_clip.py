@@ -83,6 +83,9 @@ class OpenCLIPVisualAdapter(VisualAdapter):
                         f"block {i}: an inner norm over the concatenated heads (scale_attn_inner) mixes heads "
                         "non-linearly and is not supported"
                     )
+                if getattr(attn, "logit_scale", None) is not None:
+                    # open_clip 3.3's own forward of this path fails on 4-D inputs, so it cannot be checked
+                    raise UnsupportedModelError(f"block {i}: scaled cosine attention is not supported")
                 if not isinstance(getattr(blk, "ln_attn", nn.Identity()), nn.Identity):
                     raise UnsupportedModelError(
                         f"block {i}: a norm after attention (scale_attn) is not linear in the heads and is "
@@ -164,12 +167,7 @@ class OpenCLIPVisualAdapter(VisualAdapter):
         if isinstance(attn, nn.MultiheadAttention):
             o = F.scaled_dot_product_attention(q, k, v)
         else:
-            if getattr(attn, "logit_scale", None) is not None:
-                logits = F.normalize(q, dim=-1) @ F.normalize(k, dim=-1).transpose(-1, -2)
-                scale = torch.clamp(attn.logit_scale, max=attn.logit_scale_max).exp()
-                o = (logits * scale).softmax(dim=-1) @ v
-            else:
-                o = F.scaled_dot_product_attention(attn.ln_q(q), attn.ln_k(k), v)
+            o = F.scaled_dot_product_attention(attn.ln_q(q), attn.ln_k(k), v)
             if getattr(attn, "head_scale", None) is not None:
                 o = o * attn.head_scale
         return o.transpose(1, 2).reshape(n, t, w)
@@ -185,12 +183,14 @@ class OpenCLIPVisualAdapter(VisualAdapter):
             heads = self._heads(blk.attn, blk.ln_1(x))
             if sink is not None:
                 sink.attn(layer, self._pool(heads))
-            a = F.linear(heads, blk.attn.out_proj.weight, blk.attn.out_proj.bias)
-            x = x + blk.ls_1(a)
+            # drop each intermediate as soon as it is consumed: peak memory stays the plain model's
+            x = x + blk.ls_1(F.linear(heads, blk.attn.out_proj.weight, blk.attn.out_proj.bias))
+            del heads
             m = blk.mlp(blk.ln_2(x))
             if sink is not None:
                 sink.mlp(layer, self._pool(m))
             x = x + blk.ls_2(m)
+            del m
         z = self._pool(x)
         pooled = v.ln_post(z)
         out = pooled @ v.proj if v.proj is not None else pooled
