@@ -51,7 +51,8 @@ class StreamingMoments:
         if other.mean.shape != self.mean.shape or (other.m2 is None) != (self.m2 is None):
             raise ValueError("cannot merge moments of different shapes")
         if other.count:
-            self._combine(other.count, other.mean.to(self.mean.device), None if other.m2 is None else other.m2.to(self.mean.device))
+            m2 = None if other.m2 is None else other.m2.to(self.mean.device)
+            self._combine(other.count, other.mean.to(self.mean.device), m2)
         return self
 
     def _combine(self, n: int, bmean: torch.Tensor, bm2: torch.Tensor | None) -> None:
