@@ -1,7 +1,7 @@
 """Build script.
 
 The package installs as pure Python. CUDA kernels under ``csrc/`` are built as
-an extension when a CUDA toolchain and a CUDA build of torch are present
+an extension when a CUDA toolchain, a CUDA build of torch and a GPU are present
 (``RESIDUAL_FAST_FORCE_CUDA=1`` forces the build, ``RESIDUAL_FAST_SKIP_CUDA=1``
 skips it). Install with ``pip install --no-build-isolation`` so the build uses
 the torch already installed.
@@ -25,7 +25,8 @@ def cuda_extensions():
         if force:
             raise
         return [], {}
-    if not force and (CUDA_HOME is None or torch.version.cuda is None):
+    # without a visible GPU (and no force) stay pure Python: the kernels are JIT-built on first use
+    if not force and (CUDA_HOME is None or torch.version.cuda is None or not torch.cuda.is_available()):
         return [], {}
     ext = CUDAExtension(
         name="residual_fast._C",

@@ -14,30 +14,48 @@ from torch import nn
 
 from .models import fingerprint_mismatch, get_adapter
 from .residual import ResiDual
+from .ops.readout import readout
 from .units import ln_stats
 
 
 class _FoldedSink:
-    """Accumulates ``r_l @ M_l`` while the walk runs."""
+    """Accumulates ``r_l @ M_l`` while the walk runs; the last product carries the epilogue."""
 
-    def __init__(self, maps: dict, n: int, dtype: torch.dtype, device: torch.device):
+    def __init__(self, maps: dict, last: tuple[str, int], n: int, dtype: torch.dtype, device: torch.device,
+                 backend: str):
         self.maps = maps
+        self.last = last
+        self.backend = backend
         self.acc = torch.zeros(n, maps["v1"].shape[0], dtype=dtype, device=device)
+        self.final_pair = None
+
+    def _add(self, kind: str, layer: int, r: torch.Tensor) -> None:
+        m = self.maps.get(kind)
+        if m is None:
+            return
+        M = m if kind == "emb" else m[layer]
+        if (kind, layer) == self.last:
+            self.final_pair = (r.contiguous(), M)  # a small copy: the token tensor can be freed
+        else:
+            readout(self.acc, r, M, backend=self.backend)
 
     def emb(self, r: torch.Tensor) -> None:
-        m = self.maps.get("emb")
-        if m is not None:
-            self.acc.addmm_(r.to(self.acc.dtype), m)
+        self._add("emb", -1, r)
 
     def attn(self, layer: int, r: torch.Tensor) -> None:
-        m = self.maps.get("head")
-        if m is not None:
-            self.acc.addmm_(r.to(self.acc.dtype), m[layer])
+        self._add("head", layer, r)
 
     def mlp(self, layer: int, r: torch.Tensor) -> None:
-        m = self.maps.get("mlp")
-        if m is not None:
-            self.acc.addmm_(r.to(self.acc.dtype), m[layer])
+        self._add("mlp", layer, r)
+
+    def finish(self, z: torch.Tensor, out: torch.Tensor, eps: float) -> torch.Tensor:
+        mu, s = ln_stats(z, eps)
+        epilogue = {
+            "s": s.to(self.acc.dtype), "mu": mu.to(self.acc.dtype), "v1": self.maps["v1"], "v2": self.maps["v2"],
+            "c": self.maps["c"], "out": out if self.maps["add_output"] else None, "dtype": out.dtype,
+        }
+        r, M = self.final_pair
+        return readout(self.acc, r, M, epilogue, backend=self.backend)
 
 
 class ResiDualVisual(nn.Module):
@@ -46,10 +64,13 @@ class ResiDualVisual(nn.Module):
     ``model.visual = ResiDualVisual(model.visual, adapter)`` makes
     ``model.encode_image`` return adapted features. Attributes not defined here
     (``image_size``, ``output_dim``, ...) are read from the wrapped encoder.
+    ``backend`` selects the readout kernels (``"auto"``: CUDA extension or Triton
+    on GPU, torch on CPU; see :mod:`residual_fast.ops.backends`).
     """
 
-    def __init__(self, visual: nn.Module, adapter: ResiDual):
+    def __init__(self, visual: nn.Module, adapter: ResiDual, backend: str = "auto"):
         super().__init__()
+        self.backend = backend
         if not isinstance(adapter, ResiDual):
             raise TypeError(f"adapter must be a residual_fast.ResiDual, got {type(adapter).__name__}")
         model_adapter = get_adapter(visual)
@@ -103,11 +124,13 @@ class ResiDualVisual(nn.Module):
         dtype = next(self.wrapped_visual.parameters()).dtype
         acc_dtype = dtype if dtype in (torch.float32, torch.float64) else torch.float32
         maps = self._maps(acc_dtype, images.device)
-        sink = _FoldedSink(maps, images.shape[0], acc_dtype, images.device)
+        sink = _FoldedSink(maps, self._last_unit, images.shape[0], acc_dtype, images.device, self.backend)
         z, out = self._walker.walk(images, sink)
-        mu, s = ln_stats(z, self._spec.ln_eps)
-        mu, s = mu.to(acc_dtype)[:, None], s.to(acc_dtype)[:, None]
-        y = (sink.acc + maps["v1"]) / s + (mu / s) * maps["v2"] + maps["c"]
-        if maps["add_output"]:
-            y = y + out.to(acc_dtype)
-        return y.to(out.dtype)
+        return sink.finish(z, out, self._spec.ln_eps)
+
+    @property
+    def _last_unit(self) -> tuple[str, int]:
+        """The adapted unit the walk reaches last (its product carries the epilogue)."""
+        kinds = self.adapter.groups
+        layer = self._spec.num_layers - 1
+        return ("mlp", layer) if "mlp" in kinds else ("head", layer) if "head" in kinds else ("emb", -1)

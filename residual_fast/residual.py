@@ -120,6 +120,7 @@ class ResiDual(nn.Module):
         self.seed = seed
         self.fingerprint = spec.fingerprint()
         self.out_dim = spec.out_dim
+        self.backend = "auto"  # spectral_reweight implementation (see residual_fast.ops.backends)
         self._bind(spec)
 
     def _bind(self, spec: ReadoutSpec) -> None:
@@ -241,7 +242,7 @@ class ResiDual(nn.Module):
                 y = y + _flat_mm(Z * (lam - sum_abl)[:, None], F) + ((lam - sum_abl)[:, None] * const).sum(0)
                 continue
             y = y + spectral_reweight(Z, g.R.to(dtype), g.t.to(dtype), lam - self.padding,
-                                      g.components.to(dtype), g.offsets)
+                                      g.components.to(dtype), g.offsets, backend=self.backend)
             lin = self.padding - sum_abl
             if lin:
                 y = y + lin * _flat_mm(Z, F)

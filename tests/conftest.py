@@ -1,8 +1,15 @@
 import os
+import sys
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TRITON_INTERPRET", "1")  # before anything imports triton
+# torch reads CUDA_HOME at import; the nvcc on PATH here is a wrapper that misleads its guess
+if "CUDA_HOME" not in os.environ and os.path.isfile("/usr/local/cuda/bin/nvcc"):
+    os.environ["CUDA_HOME"] = "/usr/local/cuda"
+os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "9.0")  # nothing to query without a GPU
+# the venv's tools (ninja) for the extension build, even when its bin/ is not on PATH
+os.environ["PATH"] = os.path.dirname(sys.executable) + os.pathsep + os.environ.get("PATH", "")
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
