@@ -22,23 +22,26 @@ SMALL = dict(image_size=64, patch_size=8, width=256, layers=6, heads=8, mlp_rati
 MODELS = ("small", "ViT-B-16")
 
 
-def build_visual(name: str) -> torch.nn.Module:
+def build_visual(name: str, device: str = "cpu", dtype: torch.dtype = torch.float32) -> torch.nn.Module:
     torch.manual_seed(0)
     if name == "small":
-        return VisionTransformer(**SMALL).eval()
-    return open_clip.create_model(name, pretrained=None).visual.eval()
+        v = VisionTransformer(**SMALL)
+    else:
+        v = open_clip.create_model(name, pretrained=None).visual
+    return v.eval().to(device=device, dtype=dtype)
 
 
 def images(visual: torch.nn.Module, n: int, seed: int = 0) -> torch.Tensor:
     g = torch.Generator().manual_seed(seed)
     h, w = visual.image_size
-    return torch.randn(n, 3, h, w, generator=g)
+    p = next(visual.parameters())
+    return torch.randn(n, 3, h, w, generator=g).to(device=p.device, dtype=p.dtype)
 
 
-def build_paths(visual: torch.nn.Module, variant: str, batch: int, calib_batches: int = 2
+def build_paths(visual: torch.nn.Module, variant: str, batch: int, calib_batch: int = 8, calib_batches: int = 2
                 ) -> tuple[dict[str, Callable[[], torch.Tensor]], rf.ResiDual]:
     units = ("head", "mlp") if variant == "full" else ("head",)
-    bases = rf.fit_bases(visual, [images(visual, batch, seed=s + 1) for s in range(calib_batches)],
+    bases = rf.fit_bases(visual, [images(visual, calib_batch, seed=s + 1) for s in range(calib_batches)],
                          units=units, progress=False)
     adapter = rf.ResiDual.from_bases(bases, variant)
     fused = rf.ResiDualVisual(visual, adapter)

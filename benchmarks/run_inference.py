@@ -1,11 +1,14 @@
 """Side-by-side CPU inference benchmark: plain forward vs ResiDualVisual vs the eager reference.
 
-    .venv/bin/python benchmarks/run_inference.py [--models small ViT-B-16] [--batch 8] [--rounds 5]
+    .venv/bin/python benchmarks/run_inference.py [--models small ViT-B-16] [--batches 1 32] \
+        [--dtypes float32 bfloat16] [--device cpu|cuda] [--rounds 5] [--out benchmarks/results]
 
 The three paths run interleaved, round after round, in one process; each
 round's times are divided by that round's plain forward, and the medians of
 those ratios are reported (the machines are shared and noisy). Peak memory is
-the deterministic peak of live tensor bytes of one call. Prints a markdown table.
+the deterministic peak of live tensor bytes of one call on CPU and
+``torch.cuda.max_memory_allocated`` above the resident weights on GPU. Prints a
+markdown table; with ``--out``, also writes JSON and a plot.
 """
 
 from __future__ import annotations
@@ -26,33 +29,49 @@ import residual_fast as rf  # noqa: E402
 from residual_fast.profiling import LiveBytes  # noqa: E402
 
 
-def measure(model: str, variant: str, batch: int, rounds: int) -> list[dict]:
-    visual = build_visual(model)
+def peak_bytes(fn, device: str) -> int:
+    if device == "cuda":
+        torch.cuda.synchronize()
+        base = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        fn()
+        torch.cuda.synchronize()
+        return torch.cuda.max_memory_allocated() - base
+    with LiveBytes() as lb:
+        fn()
+    return lb.peak
+
+
+def timed(fn, device: str) -> float:
+    if device == "cuda":
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    fn()
+    if device == "cuda":
+        torch.cuda.synchronize()
+    return time.perf_counter() - start
+
+
+def measure(model: str, variant: str, batch: int, rounds: int, device: str, dtype: torch.dtype) -> list[dict]:
+    visual = build_visual(model, device, dtype)
     paths, adapter = build_paths(visual, variant, batch)
     rows = {name: {"times": [], "ratios": []} for name in paths}
     with torch.no_grad():
         for fn in paths.values():  # warm-up
             fn()
         for _ in range(rounds):
-            t = {}
-            for name, fn in paths.items():
-                start = time.perf_counter()
-                fn()
-                t[name] = time.perf_counter() - start
+            t = {name: timed(fn, device) for name, fn in paths.items()}
             for name in paths:
                 rows[name]["times"].append(t[name])
                 rows[name]["ratios"].append(t[name] / t["plain"])
-        peaks = {}
-        for name, fn in paths.items():
-            with LiveBytes() as lb:
-                fn()
-            peaks[name] = lb.peak
+        peaks = {name: peak_bytes(fn, device) for name, fn in paths.items()}
     out = []
     for name, r in rows.items():
         out.append({
-            "model": model, "variant": variant, "params": adapter.num_parameters(), "path": name,
+            "model": model, "variant": variant, "batch": batch, "dtype": str(dtype).replace("torch.", ""),
+            "params": adapter.num_parameters(), "path": name,
             "median_s": statistics.median(r["times"]), "time_ratio": statistics.median(r["ratios"]),
-            "peak_mib": peaks[name] / 2**20, "mem_ratio": peaks[name] / peaks["plain"],
+            "peak_mib": peaks[name] / 2**20, "mem_ratio": peaks[name] / max(peaks["plain"], 1),
         })
     return out
 
@@ -61,21 +80,62 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--models", nargs="+", default=list(MODELS))
     ap.add_argument("--variants", nargs="+", default=["fine", "full"])
-    ap.add_argument("--batch", type=int, default=8)
+    ap.add_argument("--batches", type=int, nargs="+", default=[8])
+    ap.add_argument("--dtypes", nargs="+", default=["float32"], choices=["float32", "bfloat16", "float16"])
+    ap.add_argument("--device", default="cpu")
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--out", default=None, help="folder for inference_<device>.json / .png")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
-    print(f"machine: {platform.machine()} {platform.processor() or ''}, {args.threads} threads; "
-          f"torch {torch.__version__}, residual_fast {rf.__version__}; batch {args.batch}, {args.rounds} rounds, fp32")
+    where = torch.cuda.get_device_name() if args.device == "cuda" else f"{platform.machine()}, {args.threads} threads"
+    print(f"device: {args.device} ({where}); torch {torch.__version__}, residual_fast {rf.__version__}; "
+          f"{args.rounds} rounds; peak = {'max_memory_allocated' if args.device == 'cuda' else 'live tensor bytes'}")
     print()
-    print("| model | variant | lambdas | path | median time (s) | time / plain | peak live MiB | peak / plain |")
-    print("|---|---|---|---|---|---|---|---|")
+    print("| model | variant | lambdas | batch | dtype | path | median time (s) | time / plain | peak MiB "
+          "| peak / plain |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    results = []
     for model in args.models:
-        for variant in args.variants:
-            for r in measure(model, variant, args.batch, args.rounds):
-                print(f"| {r['model']} | {r['variant']} | {r['params']} | {r['path']} | {r['median_s']:.4f} | "
-                      f"{r['time_ratio']:.3f}x | {r['peak_mib']:.2f} | {r['mem_ratio']:.3f}x |", flush=True)
+        for dtype in args.dtypes:
+            for batch in args.batches:
+                for variant in args.variants:
+                    for r in measure(model, variant, batch, args.rounds, args.device, getattr(torch, dtype)):
+                        results.append(r)
+                        print(f"| {r['model']} | {r['variant']} | {r['params']} | {r['batch']} | {r['dtype']} | "
+                              f"{r['path']} | {r['median_s']:.4f} | {r['time_ratio']:.3f}x | {r['peak_mib']:.2f} | "
+                              f"{r['mem_ratio']:.3f}x |", flush=True)
+    if args.out:
+        write_outputs(results, Path(args.out), args.device)
+
+
+def write_outputs(results: list[dict], out: Path, device: str) -> None:
+    import json
+
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"inference_{device}.json").write_text(json.dumps(results, indent=1))
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return
+    keys = sorted({(r["model"], r["variant"], r["batch"], r["dtype"]) for r in results})
+    fig, ax = plt.subplots(figsize=(max(6, 1.2 * len(keys)), 4))
+    width = 0.4
+    for j, path in enumerate(("fused", "eager")):
+        vals = [next(r["time_ratio"] for r in results if (r["model"], r["variant"], r["batch"], r["dtype"]) == k
+                     and r["path"] == path) for k in keys]
+        ax.bar([i + (j - 0.5) * width for i in range(len(keys))], vals, width, label=path)
+    ax.axhline(1.0, color="k", lw=0.8)
+    ax.set_xticks(range(len(keys)))
+    ax.set_xticklabels([f"{m}\n{v} b{b}\n{d}" for m, v, b, d in keys], fontsize=7)
+    ax.set_ylabel("time / plain forward")
+    ax.set_title(f"adapted inference vs plain forward ({device})")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(out / f"inference_{device}.png", dpi=120)
 
 
 if __name__ == "__main__":

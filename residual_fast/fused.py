@@ -13,8 +13,8 @@ import torch
 from torch import nn
 
 from .models import fingerprint_mismatch, get_adapter
-from .residual import ResiDual
 from .ops.readout import readout
+from .residual import ResiDual
 from .units import ln_stats
 
 

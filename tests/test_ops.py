@@ -187,3 +187,13 @@ def test_cuda_sources_compile_and_link(tmp_path):
     ext = jit_build(build_directory=str(tmp_path))
     for name in ("spectral_reweight_forward", "spectral_reweight_backward", "readout"):
         assert hasattr(ext, name)
+
+
+def test_info_reports_every_backend():
+    from residual_fast.info import report
+
+    text = report()
+    for word in ("torch", "triton", "cuda"):
+        assert f"  {word}" in text
+    if not HAS_CUDA:
+        assert "no CUDA device" in text

@@ -17,7 +17,7 @@ BACKENDS = ("auto", "torch", "triton", "cuda")
 ENV = "RESIDUAL_FAST_BACKEND"
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def triton_status() -> tuple[bool, str]:
     """(available, why not)."""
     try:

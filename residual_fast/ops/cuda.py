@@ -35,7 +35,7 @@ def jit_build(verbose: bool = False, build_directory: str | None = None):
     )
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _extension():
     errors = []
     try:

@@ -11,13 +11,13 @@ import torch
 
 
 def spectral_reweight_reference(Z, R, t, lam, B, offsets) -> torch.Tensor:
-    """Unit by unit, materializing every coefficient and every (n, U, D) contribution."""
-    parts = []
-    for u in range(Z.shape[1]):
-        a, b = int(offsets[u]), int(offsets[u + 1])
-        coef = Z[:, u] @ R[a:b].T + t[a:b]  # (n, k_u)
-        parts.append((coef * lam[a:b]) @ B[a:b])
-    return torch.stack(parts, dim=1).sum(dim=1)
+    """Eager einsums over zero-padded components, materializing the (n, U, k) coefficients
+    and the (n, U, D) per-unit contributions before summing them (as the paper's code does)."""
+    from .spectral_reweight import pad_packed
+
+    coef = torch.einsum("nuq,ukq->nuk", Z, pad_packed(R, offsets)) + pad_packed(t, offsets)
+    contrib = torch.einsum("nuk,ukd->nud", coef * pad_packed(lam, offsets), pad_packed(B, offsets))
+    return contrib.sum(dim=1)
 
 
 def residual_reference(adapter, contributions: torch.Tensor, output: torch.Tensor) -> torch.Tensor:
