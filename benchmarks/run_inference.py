@@ -15,65 +15,15 @@ from __future__ import annotations
 
 import argparse
 import platform
-import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from cases import MODELS, build_paths, build_visual  # noqa: E402
+from cases import MODELS, measure  # noqa: E402
 
 import residual_fast as rf  # noqa: E402
-from residual_fast.profiling import LiveBytes  # noqa: E402
-
-
-def peak_bytes(fn, device: str) -> int:
-    if device == "cuda":
-        torch.cuda.synchronize()
-        base = torch.cuda.memory_allocated()
-        torch.cuda.reset_peak_memory_stats()
-        fn()
-        torch.cuda.synchronize()
-        return torch.cuda.max_memory_allocated() - base
-    with LiveBytes() as lb:
-        fn()
-    return lb.peak
-
-
-def timed(fn, device: str) -> float:
-    if device == "cuda":
-        torch.cuda.synchronize()
-    start = time.perf_counter()
-    fn()
-    if device == "cuda":
-        torch.cuda.synchronize()
-    return time.perf_counter() - start
-
-
-def measure(model: str, variant: str, batch: int, rounds: int, device: str, dtype: torch.dtype) -> list[dict]:
-    visual = build_visual(model, device, dtype)
-    paths, adapter = build_paths(visual, variant, batch)
-    rows = {name: {"times": [], "ratios": []} for name in paths}
-    with torch.no_grad():
-        for fn in paths.values():  # warm-up
-            fn()
-        for _ in range(rounds):
-            t = {name: timed(fn, device) for name, fn in paths.items()}
-            for name in paths:
-                rows[name]["times"].append(t[name])
-                rows[name]["ratios"].append(t[name] / t["plain"])
-        peaks = {name: peak_bytes(fn, device) for name, fn in paths.items()}
-    out = []
-    for name, r in rows.items():
-        out.append({
-            "model": model, "variant": variant, "batch": batch, "dtype": str(dtype).replace("torch.", ""),
-            "params": adapter.num_parameters(), "path": name,
-            "median_s": statistics.median(r["times"]), "time_ratio": statistics.median(r["ratios"]),
-            "peak_mib": peaks[name] / 2**20, "mem_ratio": peaks[name] / max(peaks["plain"], 1),
-        })
-    return out
 
 
 def main() -> None:

@@ -127,6 +127,29 @@ class ResiDual(nn.Module):
         self.spec = spec
         for g in self.groups.values():
             g.bind(spec)
+        self._consts_cache = {}
+
+    def _apply(self, fn, *args, **kwargs):
+        self._consts_cache = {}
+        return super()._apply(fn, *args, **kwargs)
+
+    def _consts(self, dtype: torch.dtype) -> dict:
+        """Everything the factorized forward needs that does not depend on the lambdas, in ``dtype``.
+
+        Cached: converting ``F`` (U x q x D) and forming the constants on every
+        training step would cost more than the step itself.
+        """
+        key = (dtype, self.means.device)
+        if key not in self._consts_cache:
+            out = {"rest_mean": self._rest_mean().to(dtype) if self.ablation == "mean" else None}
+            for kind, g in self.groups.items():
+                item = {"F": g.F.to(dtype), "const": g.const.to(dtype)}
+                if not g.scalar:
+                    item.update(R=g.R.to(dtype), t=g.t.to(dtype), B=g.components.to(dtype),
+                                constant=self._group_constant(g).to(dtype))
+                out[kind] = item
+            self._consts_cache[key] = out
+        return self._consts_cache[key]
 
     # -- construction ---------------------------------------------------------
     @classmethod
@@ -234,23 +257,23 @@ class ResiDual(nn.Module):
         dtype = acts.output.dtype if acts.output.dtype in (torch.float32, torch.float64) else torch.float32
         y = torch.zeros(acts.output.shape[0], self.out_dim, dtype=dtype, device=acts.output.device)
         sum_abl = 1.0 if self.ablation == "sum" else 0.0
+        consts = self._consts(dtype)
         for kind, g in self.groups.items():
             Z = acts.zvec(kind, self.spec, dtype=dtype)
-            F, const = g.F.to(dtype), g.const.to(dtype)
+            c = consts[kind]
             lam = g.lam.to(dtype)
             if g.scalar:
-                y = y + _flat_mm(Z * (lam - sum_abl)[:, None], F) + ((lam - sum_abl)[:, None] * const).sum(0)
+                y = y + _flat_mm(Z * (lam - sum_abl)[:, None], c["F"]) + (lam - sum_abl) @ c["const"]
                 continue
-            y = y + spectral_reweight(Z, g.R.to(dtype), g.t.to(dtype), lam - self.padding,
-                                      g.components.to(dtype), g.offsets, backend=self.backend)
+            y = y + spectral_reweight(Z, c["R"], c["t"], lam - self.padding, c["B"], g.offsets, backend=self.backend)
             lin = self.padding - sum_abl
             if lin:
-                y = y + lin * _flat_mm(Z, F)
-            y = y + self._group_constant(g).to(dtype)
+                y = y + lin * _flat_mm(Z, c["F"])
+            y = y + c["constant"]
         if self.ablation == "sum":
             y = y + acts.output.to(dtype)
         elif self.ablation == "mean":
-            y = y + self._rest_mean().to(device=y.device, dtype=dtype)
+            y = y + consts["rest_mean"].to(y.device)
         return y
 
     def _group_constant(self, g: UnitGroup) -> torch.Tensor:

@@ -1,0 +1,191 @@
+"""On-disk activation cache: one ViT pass, then fitting never runs the image model again.
+
+Per image the cache keeps what DESIGN.md section 4.3 needs: the raw unit vectors
+at the pooled position (``emb`` (w,), ``attn`` (L, w) heads before out-proj,
+``mlp`` (L, w)), the pooled final residual ``z`` (w,) (for the LayerNorm stats),
+the model's ``output`` (D,) and the label. A cache is a folder of
+safetensors shards (memory-mapped when read) and a ``manifest.json``; each
+shard and each manifest update is written to a temporary file and renamed, so
+an interrupted build leaves only whole shards and resumes where it stopped.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+from torch import nn
+from tqdm.auto import tqdm
+
+from ._version import __version__
+from .decompose import capture, eval_mode
+from .models import fingerprint_mismatch, get_adapter
+from .spectral import SpectralBases, UnitMoments, _check_kinds
+from .units import Activations
+
+FIELDS = ("emb", "attn", "mlp", "z", "output")
+MANIFEST = "manifest.json"
+
+
+@dataclass
+class CachedSplit:
+    """A cache read into memory: every field stacked over images, plus labels."""
+
+    emb: torch.Tensor
+    attn: torch.Tensor
+    mlp: torch.Tensor
+    z: torch.Tensor
+    output: torch.Tensor
+    labels: torch.Tensor
+
+    def __len__(self) -> int:
+        return self.labels.shape[0]
+
+    def activations(self, index: torch.Tensor | slice | None = None, dtype: torch.dtype | None = None) -> Activations:
+        sel = slice(None) if index is None else index
+        conv = (lambda t: t[sel].to(dtype)) if dtype is not None else (lambda t: t[sel])
+        return Activations.from_tensors(conv(self.emb), conv(self.attn), conv(self.mlp), conv(self.z),
+                                        conv(self.output))
+
+    def to(self, device) -> CachedSplit:
+        return CachedSplit(*(getattr(self, f).to(device) for f in (*FIELDS, "labels")))
+
+    def subset(self, index: torch.Tensor) -> CachedSplit:
+        return CachedSplit(*(getattr(self, f)[index] for f in (*FIELDS, "labels")))
+
+
+def _write_json_atomic(path: Path, data: dict) -> None:
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(data, indent=1))
+    os.replace(tmp, path)
+
+
+class ActivationCache:
+    """A built (or partly built) cache folder."""
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = Path(path)
+        manifest = self.path / MANIFEST
+        if not manifest.is_file():
+            raise FileNotFoundError(f"no activation cache at {self.path} (missing {MANIFEST})")
+        self.manifest = json.loads(manifest.read_text())
+        if self.manifest.get("kind") != "activation_cache":
+            raise ValueError(f"{manifest} is not an activation-cache manifest")
+
+    @property
+    def complete(self) -> bool:
+        return bool(self.manifest["complete"])
+
+    @property
+    def num_images(self) -> int:
+        return sum(s["n"] for s in self.manifest["shards"])
+
+    def __len__(self) -> int:
+        return self.num_images
+
+    @property
+    def seconds(self) -> float:
+        """Wall time spent writing the cache (the one ViT pass)."""
+        return float(self.manifest.get("seconds", 0.0))
+
+    def check_model(self, visual: nn.Module) -> None:
+        why = fingerprint_mismatch(self.manifest["fingerprint"], get_adapter(visual).spec().fingerprint())
+        if why:
+            raise ValueError(f"the cache at {self.path} was written by another model: {why}")
+
+    def shard_tensors(self, i: int) -> dict[str, torch.Tensor]:
+        with safe_open(str(self.path / self.manifest["shards"][i]["file"]), framework="pt") as f:
+            return {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 - safe_open has no __iter__
+
+    def iter_shards(self) -> Iterable[tuple[Activations, torch.Tensor]]:
+        for i in range(len(self.manifest["shards"])):
+            t = self.shard_tensors(i)
+            yield Activations.from_tensors(*(t[f] for f in FIELDS)), t["labels"]
+
+    def load(self) -> CachedSplit:
+        if not self.complete:
+            raise RuntimeError(f"the cache at {self.path} is incomplete; build it again to resume")
+        parts = [self.shard_tensors(i) for i in range(len(self.manifest["shards"]))]
+        return CachedSplit(*(torch.cat([p[f] for p in parts]) for f in (*FIELDS, "labels")))
+
+
+def _batch(batch) -> tuple[torch.Tensor, torch.Tensor]:
+    if isinstance(batch, (tuple, list)) and len(batch) >= 2:
+        return batch[0], torch.as_tensor(batch[1])
+    raise TypeError("cache batches must be (images, labels) pairs, as a DataLoader over a labeled dataset yields")
+
+
+@torch.no_grad()
+def build_cache(visual: nn.Module, batches: Iterable, path: str | os.PathLike, *, dtype: torch.dtype | None = None,
+                resume: bool = True, progress: bool = True) -> ActivationCache:
+    """One pass of ``visual`` over ``batches`` of ``(images, labels)``, written to the folder ``path``.
+
+    The loader must yield the same batches in the same order on every run (no
+    shuffling) for a resumed build to be exact. ``dtype`` stores activations in
+    another precision (default: the model's).
+    """
+    adapter = get_adapter(visual)
+    spec = adapter.spec()
+    folder = Path(path)
+    folder.mkdir(parents=True, exist_ok=True)
+    fingerprint = spec.fingerprint()
+    manifest_path = folder / MANIFEST
+    if manifest_path.is_file():
+        existing = ActivationCache(folder)
+        why = fingerprint_mismatch(existing.manifest["fingerprint"], fingerprint)
+        if why:
+            raise ValueError(f"{folder} holds a cache of another model ({why}); use a new folder")
+        if existing.complete:
+            return existing
+        if not resume:
+            raise FileExistsError(f"{folder} holds a partial cache; pass resume=True or use a new folder")
+        manifest = existing.manifest
+    else:
+        manifest = {"kind": "activation_cache", "version": __version__, "fingerprint": fingerprint,
+                    "shards": [], "complete": False, "seconds": 0.0}
+        _write_json_atomic(manifest_path, manifest)
+    done = len(manifest["shards"])
+    device = next(adapter.visual.parameters()).device
+    total = len(batches) if hasattr(batches, "__len__") else None
+    start = time.perf_counter()
+    with eval_mode(adapter.visual):
+        for i, batch in enumerate(tqdm(batches, total=total, desc="caching", unit="batch", disable=not progress)):
+            if i < done:
+                continue  # written by an earlier, interrupted run
+            images, labels = _batch(batch)
+            acts = capture(adapter, images.to(device, non_blocking=True))
+            tensors = {"emb": acts.emb_raw, "attn": acts.attn_raw, "mlp": acts.mlp_raw, "z": acts.z,
+                       "output": acts.output}
+            tensors = {k: (v.to(dtype) if dtype else v).contiguous().cpu() for k, v in tensors.items()}
+            tensors["labels"] = labels.long().contiguous().cpu()
+            name = f"shard-{i:06d}.safetensors"
+            tmp = folder / (name + ".tmp")
+            save_file(tensors, str(tmp))
+            os.replace(tmp, folder / name)
+            manifest["shards"].append({"file": name, "n": int(labels.shape[0])})
+            manifest["seconds"] = manifest.get("seconds", 0.0) + (time.perf_counter() - start)
+            start = time.perf_counter()
+            _write_json_atomic(manifest_path, manifest)
+    if not manifest["shards"]:
+        raise ValueError("no batches: the data to cache is empty")
+    manifest["complete"] = True
+    _write_json_atomic(manifest_path, manifest)
+    return ActivationCache(folder)
+
+
+def fit_bases_from_cache(cache: ActivationCache, visual: nn.Module, units=("head",), *, rtol: float = 1e-10,
+                         progress: bool = True) -> SpectralBases:
+    """Exact bases from a cache (the same moments as :func:`residual_fast.fit_bases`, no ViT pass)."""
+    cache.check_model(visual)
+    moments = UnitMoments(get_adapter(visual).spec(), _check_kinds(units))
+    for acts, _ in tqdm(cache.iter_shards(), total=len(cache.manifest["shards"]), desc="calibrating from cache",
+                        disable=not progress):
+        moments.update(acts)
+    return moments.bases(rtol)

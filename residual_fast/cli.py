@@ -1,0 +1,295 @@
+"""``residual-fast``: the command line.
+
+    residual-fast demo                       # offline: small open_clip ViT, sklearn digits, prototype head
+    residual-fast calibrate --dataset digits --out bases/
+    residual-fast cache --dataset digits --split train --out cache/train
+    residual-fast fit --train-cache cache/train --val-cache cache/val --method fine --out fit/
+    residual-fast eval --fit fit/ --cache cache/test
+    residual-fast bench --model ViT-B-16 --batch 8
+    residual-fast reproduce --models ViT-B-16/laion2b_s34b_b88k --datasets cifar10 mnist --out results/
+
+Models are open_clip names (``ViT-B-32``), optionally ``name/pretrained-tag``;
+without a tag the weights are random (works offline). Run any command with
+``--help`` for its options.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+from ._version import __version__
+
+
+def _model_args(p: argparse.ArgumentParser, image_size_default: int | None = None) -> None:
+    p.add_argument("--model", default="ViT-B-32", help="open_clip model name, optionally name/pretrained-tag")
+    p.add_argument("--pretrained", default=None, help="open_clip pretrained tag (needs network); default random")
+    p.add_argument("--image-size", type=int, default=image_size_default,
+                   help="input resolution override (random weights only)")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+
+
+def _data_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--dataset", default="digits", help="dataset name (digits, cifar10, ...) or an image folder")
+    p.add_argument("--split", default="train", choices=["train", "val", "test"],
+                   help="val is carved from train; datasets without a test split are split 60/10/30")
+    p.add_argument("--seed", type=int, default=0, help="seed of the splits")
+    p.add_argument("--root", default=None, help="where datasets are (downloaded)")
+    p.add_argument("--batch-size", type=int, default=128)
+    p.add_argument("--workers", type=int, default=0)
+    p.add_argument("--max-images", type=int, default=None)
+
+
+def _load(args):
+    from .loading import load_open_clip
+
+    name, pretrained = args.model, args.pretrained
+    if "/" in name and pretrained is None:
+        name, pretrained = name.split("/", 1)
+    model, preprocess, tokenizer = load_open_clip(name, pretrained, image_size=args.image_size, device=args.device)
+    return model, preprocess, tokenizer
+
+
+def _loader(args, preprocess):
+    from torch.utils.data import DataLoader, Subset
+
+    from .pipeline import load_splits
+
+    data, idx = load_splits(args.dataset, root=args.root, transform=preprocess, seed=args.seed)[args.split]
+    if args.max_images is not None:
+        idx = idx[: args.max_images]
+    return data, DataLoader(Subset(data.dataset, idx.tolist()), batch_size=args.batch_size, shuffle=False,
+                            num_workers=args.workers)
+
+
+def cmd_demo(args) -> None:
+    from .pipeline import demo
+
+    result = demo(args.out, model=args.model, pretrained=args.pretrained, image_size=args.image_size,
+                  variant=args.variant, epochs=args.epochs, seed=args.seed, batch_size=args.batch_size,
+                  progress=not args.no_progress)
+    print((Path(result["report"]) / "report.md").read_text())
+    print(f"report folder: {result['report']} (report.md, results.json/csv, lambdas.png, spectra.png, adapter/)")
+
+
+def cmd_calibrate(args) -> None:
+    from .spectral import fit_bases
+
+    model, preprocess, _ = _load(args)
+    _, loader = _loader(args, preprocess)
+    bases = fit_bases(model.visual, loader, units=tuple(args.units), progress=not args.no_progress)
+    bases.save(args.out)
+    print(json.dumps({"out": args.out, **bases.summary()}, indent=1))
+
+
+def cmd_cache(args) -> None:
+    from .cache import build_cache
+
+    model, preprocess, _ = _load(args)
+    _, loader = _loader(args, preprocess)
+    cache = build_cache(model.visual, loader, args.out, progress=not args.no_progress)
+    print(json.dumps({"out": args.out, "images": cache.num_images, "seconds": round(cache.seconds, 3)}))
+
+
+def _save_head(head, folder: Path) -> None:
+    from .serialization import save_bundle
+
+    save_bundle(folder / "head", {"weights": head.weights},
+                {"kind": "classifier", "logit_scale": head.logit_scale, "normalize": head.normalize})
+
+
+def _load_head(folder: Path):
+    from .classifiers import Classifier
+    from .serialization import load_bundle
+
+    t, meta = load_bundle(folder / "head", "classifier")
+    return Classifier(t["weights"], meta["logit_scale"], meta["normalize"])
+
+
+def cmd_fit(args) -> None:
+    from safetensors.torch import save_file
+
+    from .cache import ActivationCache, fit_bases_from_cache
+    from .classifiers import prototype_head, zero_shot_head
+    from .data import load_dataset
+    from .spectral import SpectralBases
+    from .train import fit_method
+
+    model, _, tokenizer = _load(args)
+    train_cache, val_cache = ActivationCache(args.train_cache), ActivationCache(args.val_cache)
+    for c in (train_cache, val_cache):
+        c.check_model(model.visual)
+    train, val = train_cache.load(), val_cache.load()
+    if args.head == "prototype":
+        head = prototype_head(train.output, train.labels)
+    else:
+        data = load_dataset(args.dataset, "train", root=args.root, download=False)
+        head = zero_shot_head(model, tokenizer, data.classnames, data.templates, progress=not args.no_progress)
+    bases = None
+    if args.method in ("coarse", "fine", "full"):
+        units = ("head", "mlp") if args.method == "full" else ("head",)
+        bases = (SpectralBases.load(args.bases, model.visual) if args.bases
+                 else fit_bases_from_cache(train_cache, model.visual, units, progress=not args.no_progress))
+    module, result = fit_method(args.method, train, val, head, bases=bases, epochs=args.epochs, seed=args.seed,
+                                progress=not args.no_progress)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    _save_head(head, out)
+    if module is not None and args.method in ("coarse", "fine", "full"):
+        module.save(out / "adapter")
+    elif module is not None:
+        save_file({k: v.contiguous() for k, v in module.state_dict().items()}, str(out / "module.safetensors"))
+    (out / "fit.json").write_text(json.dumps({"method": args.method, "model": args.model, **result.to_dict()},
+                                             indent=1))
+    print(json.dumps({k: v for k, v in result.to_dict().items() if k != "history"}))
+
+
+def cmd_eval(args) -> None:
+    from safetensors.torch import load_file
+
+    from .cache import ActivationCache
+    from .residual import ResiDual
+    from .train import LinearAdapter, OutputSpectralAdapter, evaluate, method_forward
+
+    model, _, _ = _load(args)
+    fit_dir = Path(args.fit)
+    meta = json.loads((fit_dir / "fit.json").read_text()) if (fit_dir / "fit.json").is_file() else None
+    if meta is None:
+        raise FileNotFoundError(f"{fit_dir} has no fit.json: pass the folder written by `residual-fast fit`")
+    head = _load_head(fit_dir)
+    cache = ActivationCache(args.cache)
+    cache.check_model(model.visual)
+    split = cache.load()
+    method = meta["method"]
+    module = None
+    if method in ("coarse", "fine", "full"):
+        module = ResiDual.load(fit_dir / "adapter", model.visual)
+    elif method in ("linear", "spectral_output"):
+        state = load_file(str(fit_dir / "module.safetensors"))
+        module = LinearAdapter(split.output.shape[1]) if method == "linear" else OutputSpectralAdapter(split.output)
+        module.load_state_dict(state)
+    acc = evaluate(method_forward(method, module), split, head)
+    print(json.dumps({"method": method, "images": len(split), "accuracy": acc}))
+
+
+def cmd_bench(args) -> None:
+    from .bench import measure
+
+    torch.set_num_threads(args.threads)
+    print("| model | variant | batch | path | median time (s) | time / plain | peak MiB | peak / plain |")
+    print("|---|---|---|---|---|---|---|---|")
+    for r in measure(args.model, args.variant, args.batch, args.rounds, args.device):
+        print(f"| {r['model']} | {r['variant']} | {r['batch']} | {r['path']} | {r['median_s']:.4f} | "
+              f"{r['time_ratio']:.3f}x | {r['peak_mib']:.2f} | {r['mem_ratio']:.3f}x |")
+
+
+def cmd_reproduce(args) -> None:
+    from .pipeline import reproduce
+
+    rows = reproduce(args.models, args.datasets, args.methods, args.out, root=args.root, epochs=args.epochs,
+                     seed=args.seed, batch_size=args.batch_size, workers=args.workers, max_images=args.max_images,
+                     progress=not args.no_progress)
+    print("| model | weights | dataset | method | parameters | accuracy | note |")
+    print("|---|---|---|---|---|---|---|")
+    for r in rows:
+        acc = f"{r['accuracy']:.4f}" if "accuracy" in r else "-"
+        print(f"| {r['model']} | {r['weights']} | {r['dataset']} | {r['method']} | "
+              f"{r.get('trainable_parameters', '-')} | {acc} | {r.get('error', '')} |")
+    print(f"results: {args.out}/results.json, results.csv")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from .train import METHODS
+
+    p = argparse.ArgumentParser(prog="residual-fast", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--version", action="version", version=f"residual_fast {__version__}")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    d = sub.add_parser("demo", help="offline demo: base vs ResiDual on sklearn digits, with a report folder")
+    _model_args(d, image_size_default=64)
+    d.add_argument("--variant", default="fine", choices=["coarse", "fine", "full"])
+    d.add_argument("--epochs", type=int, default=30)
+    d.add_argument("--seed", type=int, default=0)
+    d.add_argument("--batch-size", type=int, default=128)
+    d.add_argument("--out", default="residual_fast_demo", help="report folder")
+    d.set_defaults(func=cmd_demo)
+
+    c = sub.add_parser("calibrate", help="fit per-unit spectral bases by streaming a dataset")
+    _model_args(c)
+    _data_args(c)
+    c.add_argument("--units", nargs="+", default=["head"], choices=["emb", "head", "mlp"])
+    c.add_argument("--out", required=True, help="folder for the bases")
+    c.set_defaults(func=cmd_calibrate)
+
+    k = sub.add_parser("cache", help="one ViT pass over a split, written as an activation cache")
+    _model_args(k)
+    _data_args(k)
+    k.add_argument("--out", required=True, help="cache folder (an interrupted build resumes)")
+    k.set_defaults(func=cmd_cache)
+
+    f = sub.add_parser("fit", help="train a method from caches (the ViT does not run)")
+    _model_args(f)
+    f.add_argument("--train-cache", required=True)
+    f.add_argument("--val-cache", required=True)
+    f.add_argument("--method", default="fine", choices=[m for m in METHODS if m != "zeroshot"] + ["zeroshot"])
+    f.add_argument("--head", default="prototype", choices=["prototype", "zeroshot"])
+    f.add_argument("--dataset", default="digits", help="class names / templates for --head zeroshot")
+    f.add_argument("--root", default=None)
+    f.add_argument("--bases", default=None, help="bases folder (default: fitted from the train cache)")
+    f.add_argument("--epochs", type=int, default=30)
+    f.add_argument("--seed", type=int, default=0)
+    f.add_argument("--out", required=True)
+    f.set_defaults(func=cmd_fit)
+
+    e = sub.add_parser("eval", help="top-1 accuracy of a fitted method on a cached split")
+    _model_args(e)
+    e.add_argument("--fit", required=True, help="folder written by `residual-fast fit`")
+    e.add_argument("--cache", required=True, help="cache of the split to evaluate")
+    e.set_defaults(func=cmd_eval)
+
+    b = sub.add_parser("bench", help="time plain forward vs ResiDualVisual vs the eager reference")
+    b.add_argument("--model", default="small", help="'small' or an open_clip name (random weights)")
+    b.add_argument("--variant", default="fine", choices=["coarse", "fine", "full"])
+    b.add_argument("--batch", type=int, default=8)
+    b.add_argument("--rounds", type=int, default=5)
+    b.add_argument("--threads", type=int, default=2)
+    b.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    b.set_defaults(func=cmd_bench)
+
+    r = sub.add_parser("reproduce", help="the paper's grid of models x datasets x methods, for what loads here")
+    r.add_argument("--models", nargs="+", default=["ViT-B-16/laion2b_s34b_b88k", "ViT-L-14/laion2b_s32b_b82k",
+                                                    "ViT-B-16/openai", "ViT-L-14/openai"])
+    r.add_argument("--datasets", nargs="+", default=["cifar10", "cifar100", "dtd", "eurosat", "gtsrb", "mnist",
+                                                      "resisc45", "stanford_cars", "sun397", "svhn"])
+    r.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
+    r.add_argument("--root", default=None)
+    r.add_argument("--epochs", type=int, default=30)
+    r.add_argument("--seed", type=int, default=0)
+    r.add_argument("--batch-size", type=int, default=128)
+    r.add_argument("--workers", type=int, default=0)
+    r.add_argument("--max-images", type=int, default=None, help="cap per split (quick runs)")
+    r.add_argument("--out", default="residual_fast_results")
+    r.set_defaults(func=cmd_reproduce)
+
+    for sp in (d, c, k, f, e, r):
+        sp.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        args.func(args)
+    except (ValueError, FileNotFoundError, RuntimeError, ModuleNotFoundError, KeyError, TypeError) as e:
+        print(f"residual-fast {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

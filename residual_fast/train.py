@@ -1,0 +1,176 @@
+"""Fitting ResiDual (and the paper's baselines) from cached activations, and evaluation.
+
+Every method is a small module mapping a batch of cached activations to output
+embeddings, trained with one loop: schedule-free AdamW, cross-entropy against a
+frozen :class:`~residual_fast.classifiers.Classifier`, early stopping on
+validation accuracy with the best state restored, seeded and deterministic.
+The image model never runs here.
+"""
+
+from __future__ import annotations
+
+import copy
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm.auto import tqdm
+
+from .cache import CachedSplit
+from .classifiers import Classifier
+from .residual import ResiDual
+from .spectral import SpectralBases
+
+# learning rates of the paper: 0.8 for ResiDual's lambdas, 1e-3 for the output-space adapters
+RESIDUAL_LR = 0.8
+ADAPTER_LR = 1e-3
+
+
+class LinearAdapter(nn.Module):
+    """``y = out @ W.T + b`` on the output embedding, initialized to the identity."""
+
+    def __init__(self, dim: int):
+        super().__init__()
+        self.linear = nn.Linear(dim, dim)
+        with torch.no_grad():
+            self.linear.weight.copy_(torch.eye(dim))
+            self.linear.bias.zero_()
+
+    def forward(self, output: torch.Tensor) -> torch.Tensor:
+        return self.linear(output)
+
+
+class OutputSpectralAdapter(nn.Module):
+    """Re-weighting of the principal components of the output embedding itself.
+
+    In PCA space: ``y = ((out - m) @ V.T * lam) @ V + m`` with the mean ``m`` and the
+    orthonormal components ``V`` of the train outputs; ``lam = 1`` is the identity.
+    """
+
+    def __init__(self, train_outputs: torch.Tensor):
+        super().__init__()
+        x = train_outputs.double()
+        m = x.mean(0)
+        _, _, vh = torch.linalg.svd(x - m, full_matrices=True)
+        self.register_buffer("mean", m.float())
+        self.register_buffer("components", vh.float())  # (D, D), complete
+        self.lam = nn.Parameter(torch.ones(vh.shape[0]))
+
+    def forward(self, output: torch.Tensor) -> torch.Tensor:
+        centered = output.float() - self.mean
+        return ((centered @ self.components.T) * self.lam) @ self.components + self.mean
+
+
+@dataclass
+class FitResult:
+    method: str
+    trainable_parameters: int
+    best_epoch: int
+    best_val_accuracy: float
+    seconds: float
+    history: list[dict] = field(default_factory=list)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def method_forward(method: str, module: nn.Module | None) -> Callable[[CachedSplit, torch.Tensor | None], torch.Tensor]:
+    """Output embeddings of a batch of cached samples under ``method``."""
+    if method == "zeroshot":
+        return lambda split, idx: split.output[idx if idx is not None else slice(None)].float()
+    if isinstance(module, ResiDual):
+        return lambda split, idx: module(split.activations(idx))
+    return lambda split, idx: module(split.output[idx if idx is not None else slice(None)].float())
+
+
+@torch.no_grad()
+def evaluate(forward: Callable, split: CachedSplit, head: Classifier, batch_size: int = 1024) -> float:
+    """Top-1 accuracy of ``head(forward(split))``."""
+    correct = 0
+    for start in range(0, len(split), batch_size):
+        idx = torch.arange(start, min(start + batch_size, len(split)))
+        pred = head(forward(split, idx)).argmax(-1)
+        correct += int((pred == split.labels[idx].to(pred.device)).sum())
+    return correct / max(len(split), 1)
+
+
+def fit(module: nn.Module, forward: Callable, train: CachedSplit, val: CachedSplit, head: Classifier, *,
+        lr: float, epochs: int = 30, batch_size: int = 64, patience: int = 5, seed: int = 0,
+        weight_decay: float = 0.0, progress: bool = True, method: str = "") -> FitResult:
+    """Train ``module``'s parameters; keep the state with the best validation accuracy."""
+    import schedulefree
+
+    if len(train) == 0 or len(val) == 0:
+        raise ValueError("train and validation splits must be non-empty")
+    torch.manual_seed(seed)
+    gen = torch.Generator().manual_seed(seed)
+    params = [p for p in module.parameters() if p.requires_grad]
+    opt = schedulefree.AdamWScheduleFree(params, lr=lr, weight_decay=weight_decay)
+    start = time.perf_counter()
+    opt.eval()
+    module.eval()
+    best_acc, best_epoch = evaluate(forward, val, head), 0
+    best_state = copy.deepcopy(module.state_dict())
+    history = [{"epoch": 0, "train_loss": None, "val_accuracy": best_acc}]
+    stale = 0
+    bar = tqdm(range(1, epochs + 1), desc=f"fitting {method}".strip(), disable=not progress)
+    for epoch in bar:
+        module.train()
+        opt.train()
+        total, count = 0.0, 0
+        for idx in torch.randperm(len(train), generator=gen).split(batch_size):
+            logits = head(forward(train, idx))
+            loss = F.cross_entropy(logits, train.labels[idx].to(logits.device))
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            total += loss.item() * idx.numel()
+            count += idx.numel()
+        module.eval()
+        opt.eval()
+        acc = evaluate(forward, val, head)
+        history.append({"epoch": epoch, "train_loss": total / count, "val_accuracy": acc})
+        bar.set_postfix(loss=f"{total / count:.4f}", val=f"{acc:.4f}")
+        if acc > best_acc:
+            best_acc, best_epoch, stale = acc, epoch, 0
+            best_state = copy.deepcopy(module.state_dict())
+        else:
+            stale += 1
+            if stale >= patience:
+                break
+    module.load_state_dict(best_state)
+    module.eval()
+    n_params = sum(p.numel() for p in params)
+    return FitResult(method, n_params, best_epoch, best_acc, time.perf_counter() - start, history)
+
+
+METHODS = ("zeroshot", "linear", "spectral_output", "coarse", "fine", "full")
+
+
+def fit_method(method: str, train: CachedSplit, val: CachedSplit, head: Classifier, *,
+               bases: SpectralBases | None = None, epochs: int = 30, batch_size: int = 64, patience: int = 5,
+               seed: int = 0, progress: bool = True, lr: float | None = None, **residual_kwargs
+               ) -> tuple[nn.Module | None, FitResult]:
+    """Build and fit one method: a ResiDual variant (``coarse``/``fine``/``full``) or a baseline."""
+    if method not in METHODS:
+        raise ValueError(f"unknown method {method!r}; choose from {METHODS}")
+    if method == "zeroshot":
+        start = time.perf_counter()
+        fwd = method_forward("zeroshot", None)
+        acc = evaluate(fwd, val, head)
+        return None, FitResult("zeroshot", 0, 0, acc, time.perf_counter() - start)
+    if method in ("coarse", "fine", "full"):
+        if bases is None:
+            raise ValueError(f"method {method!r} needs fitted bases")
+        module = ResiDual.from_bases(bases, method, seed=seed, **residual_kwargs)
+        lr = RESIDUAL_LR if lr is None else lr
+    elif method == "linear":
+        module, lr = LinearAdapter(train.output.shape[1]), ADAPTER_LR if lr is None else lr
+    else:
+        module, lr = OutputSpectralAdapter(train.output), ADAPTER_LR if lr is None else lr
+    result = fit(module, method_forward(method, module), train, val, head, lr=lr, epochs=epochs,
+                 batch_size=batch_size, patience=patience, seed=seed, progress=progress, method=method)
+    return module, result
