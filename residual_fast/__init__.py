@@ -3,6 +3,7 @@
 from ._version import __version__
 from .decompose import Decomposition, capture, decompose
 from .fused import ResiDualVisual
+from .loading import LoadedModel, load
 from .models import UnsupportedModelError, get_adapter
 from .residual import VARIANTS, ResiDual
 from .spectral import SpectralBases, UnitMoments, accumulate_moments, fit_bases
@@ -12,6 +13,7 @@ __all__ = [
     "VARIANTS",
     "Activations",
     "Decomposition",
+    "LoadedModel",
     "ResiDual",
     "ResiDualVisual",
     "SpectralBases",
@@ -24,4 +26,5 @@ __all__ = [
     "decompose",
     "fit_bases",
     "get_adapter",
+    "load",
 ]

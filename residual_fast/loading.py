@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from dataclasses import dataclass
+
 import torch
 from torch import nn
 
@@ -37,3 +40,110 @@ def load_open_clip(name: str, pretrained: str | None = None, *, image_size: int 
     except Exception as e:  # noqa: BLE001 - report any hub / file failure with the name that caused it
         raise RuntimeError(f"could not load open_clip {name!r} with pretrained={pretrained!r}: {e}") from e
     return model.eval(), preprocess, open_clip.get_tokenizer(name)
+
+
+PREFIXES = ("open_clip:", "hf:", "timm:")
+
+
+@dataclass
+class LoadedModel:
+    """What :func:`load` returns.
+
+    ``visual`` is the module to pass to ``decompose`` / ``fit_bases`` /
+    ``ResiDualVisual``; ``encode_text(list_of_str) -> (n, D)`` exists for models
+    with a text tower (open_clip CLIP, HF CLIP, BLIP ITM) and is None otherwise.
+    """
+
+    name: str
+    model: nn.Module
+    visual: nn.Module
+    preprocess: Callable | None
+    tokenizer: Callable | None
+    encode_text: Callable[[list[str]], torch.Tensor] | None
+
+
+def load(name: str, *, pretrained: bool = True, config=None, device: str | torch.device = "cpu",
+         **kwargs) -> LoadedModel:
+    """Load a model by name.
+
+    ``open_clip:ARCH[/TAG]`` (``pretrained=False`` or no tag: random weights),
+    ``hf:REPO`` (HF transformers CLIP, BLIP image-text retrieval, DINOv2, ViT; with
+    ``pretrained=False`` pass a transformers ``config=`` to build random weights
+    offline), ``timm:NAME`` (any timm ``VisionTransformer``; ``pretrained=False``
+    builds random weights offline; ``kwargs`` go to ``timm.create_model``).
+    The architecture is checked against the adapters: an unsupported one raises
+    :class:`residual_fast.UnsupportedModelError`.
+    """
+    from .models import get_adapter
+
+    prefix, _, rest = name.partition(":")
+    if not rest or prefix + ":" not in PREFIXES:
+        raise ValueError(f"model names start with one of {PREFIXES}, e.g. 'open_clip:ViT-B-16/laion2b_s34b_b88k', "
+                         f"'hf:openai/clip-vit-large-patch14', 'timm:vit_large_patch14_dinov2.lvd142m'; got {name!r}")
+    if prefix == "open_clip":
+        arch, _, tag = rest.partition("/")
+        model, preprocess, tokenizer = load_open_clip(arch, (tag or None) if pretrained else None, device=device,
+                                                      **kwargs)
+
+        def encode_text(texts):
+            return model.encode_text(tokenizer(texts).to(next(model.parameters()).device))
+
+        loaded = LoadedModel(name, model, model.visual, preprocess, tokenizer, encode_text)
+    elif prefix == "timm":
+        import timm
+
+        try:
+            model = timm.create_model(rest, pretrained=pretrained, **kwargs).to(device).eval()
+        except Exception as e:  # noqa: BLE001
+            raise RuntimeError(f"could not create timm model {rest!r} (pretrained={pretrained}): {e}") from e
+        cfg = timm.data.resolve_data_config({}, model=model)
+        loaded = LoadedModel(name, model, model, timm.data.create_transform(**cfg), None, None)
+    else:
+        loaded = _load_hf(name, rest, pretrained, config, device)
+    get_adapter(loaded.visual)  # refuses unsupported architectures with the reason
+    return loaded
+
+
+def _load_hf(name: str, repo: str, pretrained: bool, config, device) -> LoadedModel:
+    import transformers as tf
+
+    if config is None:
+        try:
+            config = tf.AutoConfig.from_pretrained(repo)
+        except Exception as e:  # noqa: BLE001
+            raise RuntimeError(f"could not read the config of {repo!r} (offline? pass config= to build random "
+                               f"weights): {e}") from e
+    classes = {"clip": tf.CLIPModel, "blip": tf.BlipForImageTextRetrieval, "dinov2": tf.Dinov2Model,
+               "dinov2_with_registers": tf.Dinov2WithRegistersModel, "vit": tf.ViTModel}
+    cls = classes.get(config.model_type)
+    if config.model_type == "vit" and any("Classification" in a for a in (config.architectures or [])):
+        cls = tf.ViTForImageClassification
+    if cls is None:
+        raise ValueError(f"HF model type {config.model_type!r} is not supported; supported: {sorted(classes)}")
+    try:
+        model = cls.from_pretrained(repo) if pretrained else cls(config)
+    except Exception as e:  # noqa: BLE001
+        raise RuntimeError(f"could not load {repo!r} as {cls.__name__}: {e}") from e
+    model = model.to(device).eval()
+    preprocess = tokenizer = encode_text = None
+    if pretrained:
+        try:
+            processor = tf.AutoImageProcessor.from_pretrained(repo)
+
+            def preprocess(img, _p=processor):
+                return _p(images=img, return_tensors="pt")["pixel_values"][0]
+        except Exception:  # noqa: BLE001 - preprocessing is optional
+            preprocess = None
+        if config.model_type in ("clip", "blip"):
+            tokenizer = tf.AutoTokenizer.from_pretrained(repo)
+    if tokenizer is not None and config.model_type == "clip":
+        def encode_text(texts, _m=model, _t=tokenizer):
+            batch = _t(texts, padding=True, return_tensors="pt").to(next(_m.parameters()).device)
+            out = _m.get_text_features(**batch)
+            return out if isinstance(out, torch.Tensor) else out.pooler_output
+    elif tokenizer is not None and config.model_type == "blip":
+        def encode_text(texts, _m=model, _t=tokenizer):
+            batch = _t(texts, padding=True, return_tensors="pt").to(next(_m.parameters()).device)
+            hidden = _m.text_encoder(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+            return _m.text_proj(hidden.last_hidden_state[:, 0])
+    return LoadedModel(name, model, model, preprocess, tokenizer, encode_text)

@@ -12,9 +12,11 @@ from .base import (
     VisualAdapter,
     fingerprint_mismatch,
 )
+from .hf import ADAPTERS as HF_ADAPTERS
 from .open_clip import OpenCLIPVisualAdapter
+from .timm_vit import TimmViTAdapter
 
-ADAPTERS: list[type[VisualAdapter]] = [OpenCLIPVisualAdapter]
+ADAPTERS: list[type[VisualAdapter]] = [OpenCLIPVisualAdapter, TimmViTAdapter, *HF_ADAPTERS]
 
 
 def get_adapter(visual: nn.Module) -> VisualAdapter:
@@ -30,7 +32,7 @@ def get_adapter(visual: nn.Module) -> VisualAdapter:
     hint = " (pass model.visual, not the whole CLIP model)" if hasattr(visual, "visual") else ""
     raise UnsupportedModelError(
         f"no residual_fast adapter for {type(visual).__module__}.{type(visual).__name__}{hint}; "
-        f"supported: {', '.join(c.family for c in ADAPTERS)} VisionTransformer"
+        f"supported families: {', '.join(c.family for c in ADAPTERS)}"
     )
 
 
