@@ -11,7 +11,7 @@ Both give a :class:`Classifier`: ``logits = logit_scale * cos(features, class)``
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -40,22 +40,32 @@ class Classifier(nn.Module):
 
 
 @torch.no_grad()
-def zero_shot_head(model: nn.Module, tokenizer, classnames: Sequence[str], templates: Sequence, *,
-                   batch_size: int = 256, progress: bool = True, normalize: bool = True) -> Classifier:
-    """Zero-shot classifier from ``model.encode_text`` (open_clip CLIP) over ``templates x classnames``."""
-    if not hasattr(model, "encode_text"):
-        raise TypeError(f"{type(model).__name__} has no text tower (encode_text); use prototype_head instead")
+def text_head(encode_text: Callable[[list[str]], torch.Tensor], classnames: Sequence[str], templates: Sequence, *,
+              logit_scale: float = 100.0, batch_size: int = 256, progress: bool = True,
+              normalize: bool = True) -> Classifier:
+    """Zero-shot classifier from any text encoder ``encode_text(list_of_str) -> (n, D)``.
+
+    Each prompt embedding is normalized, averaged per class and normalized again.
+    """
     if not classnames or not templates:
         raise ValueError("need at least one class name and one template")
-    device = next(model.parameters()).device
     weights = []
     for name in tqdm(classnames, desc="zero-shot head", disable=not progress):
         texts = [fill(t, name) for t in templates]
-        emb = torch.cat([model.encode_text(tokenizer(texts[i:i + batch_size]).to(device))
-                         for i in range(0, len(texts), batch_size)])
+        emb = torch.cat([encode_text(texts[i:i + batch_size]) for i in range(0, len(texts), batch_size)])
         weights.append(F.normalize(F.normalize(emb.float(), dim=-1).mean(0), dim=-1))
+    return Classifier(torch.stack(weights), logit_scale, normalize)
+
+
+def zero_shot_head(model: nn.Module, tokenizer, classnames: Sequence[str], templates: Sequence, *,
+                   batch_size: int = 256, progress: bool = True, normalize: bool = True) -> Classifier:
+    """Zero-shot classifier from an open_clip CLIP's ``encode_text`` over ``templates x classnames``."""
+    if not hasattr(model, "encode_text"):
+        raise TypeError(f"{type(model).__name__} has no text tower (encode_text); use prototype_head instead")
+    device = next(model.parameters()).device
     scale = model.logit_scale.exp().item() if hasattr(model, "logit_scale") else 100.0
-    return Classifier(torch.stack(weights), scale, normalize)
+    return text_head(lambda texts: model.encode_text(tokenizer(texts).to(device)), classnames, templates,
+                     logit_scale=scale, batch_size=batch_size, progress=progress, normalize=normalize)
 
 
 def prototype_head(features: torch.Tensor, labels: torch.Tensor, num_classes: int | None = None, *,

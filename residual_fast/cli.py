@@ -263,7 +263,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     r = sub.add_parser("reproduce", help="the paper's grid of models x datasets x methods, for what loads here")
     r.add_argument("--models", nargs="+", default=["ViT-B-16/laion2b_s34b_b88k", "ViT-L-14/laion2b_s32b_b82k",
-                                                    "ViT-B-16/openai", "ViT-L-14/openai"])
+                                                    "ViT-B-16/openai", "ViT-L-14/openai",
+                                                    "hf:Salesforce/blip-itm-large-flickr", "hf:facebook/dinov2-large",
+                                                    "timm:vit_large_patch16_224.augreg_in21k"],
+                   help="open_clip ARCH[/TAG] or rf.load names (hf:REPO, timm:NAME)")
     r.add_argument("--datasets", nargs="+", default=["cifar10", "cifar100", "dtd", "eurosat", "gtsrb", "mnist",
                                                       "resisc45", "stanford_cars", "sun397", "svhn"])
     r.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))

@@ -15,10 +15,10 @@ from torch import nn
 from torch.utils.data import DataLoader, Subset
 
 from .cache import ActivationCache, CachedSplit, build_cache, fit_bases_from_cache
-from .classifiers import Classifier, prototype_head, zero_shot_head
+from .classifiers import Classifier, prototype_head, text_head
 from .data import LabeledImages, load_dataset, stratified_split
 from .decompose import eval_mode
-from .loading import load_open_clip
+from .loading import load, load_open_clip
 from .report import plot_lambdas, plot_spectra, write_results
 from .train import METHODS, evaluate, fit_method, method_forward
 
@@ -161,13 +161,18 @@ def demo(out: str | Path = "residual_fast_demo", *, model: str = "ViT-B-32", pre
 def reproduce(models: list[str], datasets: list[str], methods: list[str], out: str | Path, *, root: str | None = None,
               epochs: int = 30, seed: int = 0, batch_size: int = 128, workers: int = 0,
               max_images: int | None = None, progress: bool = True) -> list[dict]:
-    """The paper's grid for whatever models and datasets load here; failures are recorded, not fatal."""
+    """The paper's grid for whatever models and datasets load here; failures are recorded, not fatal.
+
+    ``models``: open_clip ``ARCH[/TAG]`` (no tag: random weights) or any :func:`residual_fast.load` name
+    (``hf:...``, ``timm:...``, loaded pretrained). Models with a text tower get a zero-shot head, the others a
+    prototype head.
+    """
     out = Path(out)
     rows = []
     for spec in models:
-        name, _, tag = spec.partition("/")
+        name, tag = (spec, "pretrained") if ":" in spec else (spec.partition("/")[0], spec.partition("/")[2])
         try:
-            model, preprocess, tokenizer = load_open_clip(name, tag or None)
+            loaded = load(spec if ":" in spec else f"open_clip:{spec}", pretrained=":" in spec or bool(tag))
         except Exception as e:  # noqa: BLE001
             rows.append({"model": name, "weights": tag or "random", "dataset": "-", "method": "-",
                          "error": str(e)})
@@ -175,13 +180,22 @@ def reproduce(models: list[str], datasets: list[str], methods: list[str], out: s
         for dname in datasets:
             info = {"model": name, "weights": tag or "random", "dataset": dname}
             try:
-                parts = load_splits(dname, root=root, transform=preprocess, seed=seed)
+                parts = load_splits(dname, root=root, transform=loaded.preprocess, seed=seed)
                 train = parts["train"][0]
-                data = cache_splits(model.visual, parts, out / "cache" / name / (tag or "random") / dname,
-                                    batch_size=batch_size, workers=workers, max_images=max_images,
-                                    progress=progress)
-                head = zero_shot_head(model, tokenizer, train.classnames, train.templates, progress=progress)
-                got, _ = run_methods(methods, data, head, model.visual, epochs=epochs, seed=seed,
+                data = cache_splits(loaded.visual, parts, out / "cache" / name.replace(":", "_").replace("/", "_")
+                                    / (tag or "random") / dname, batch_size=batch_size, workers=workers,
+                                    max_images=max_images, progress=progress)
+                if loaded.encode_text is not None:  # zero-shot head from the text tower
+                    scale = getattr(loaded.model, "logit_scale", None)
+                    with torch.no_grad():
+                        head = text_head(loaded.encode_text, train.classnames, train.templates,
+                                         logit_scale=scale.exp().item() if scale is not None else 100.0,
+                                         progress=progress)
+                else:  # no text tower (DINOv2, supervised ViT): class means of the train outputs
+                    head = prototype_head(data.splits["train"].output, data.splits["train"].labels,
+                                          len(train.classnames))
+                info["head"] = "zeroshot" if loaded.encode_text is not None else "prototype"
+                got, _ = run_methods(methods, data, head, loaded.visual, epochs=epochs, seed=seed,
                                      progress=progress, info=info)
                 rows.extend(got)
             except Exception as e:  # noqa: BLE001 - keep going through the grid

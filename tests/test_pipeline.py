@@ -264,12 +264,13 @@ def test_cli_cache_fit_eval(tmp_path, capsys):
 def test_reproduce_grid_offline_records_failures(tmp_path):
     from residual_fast.pipeline import reproduce
 
-    rows = reproduce(["ViT-B-32", "ViT-Q-99"], ["digits", "nope"], ["zeroshot", "fine"], tmp_path, epochs=1,
-                     max_images=24, batch_size=24, progress=False)
+    rows = reproduce(["ViT-B-32", "ViT-Q-99", "timm:vit_tiny_patch16_224"], ["digits", "nope"],
+                     ["zeroshot", "fine"], tmp_path, epochs=1, max_images=24, batch_size=24, progress=False)
     ok = [r for r in rows if "error" not in r]
     assert [(r["dataset"], r["method"]) for r in ok] == [("digits", "zeroshot"), ("digits", "fine")]
     assert all(0 <= r["accuracy"] <= 1 and r["weights"] == "random" for r in ok)
     errors = {(r["model"], r["dataset"]): r["error"] for r in rows if "error" in r}
     assert "unknown dataset" in errors[("ViT-B-32", "nope")]
     assert "unknown open_clip model" in errors[("ViT-Q-99", "-")]
+    assert "could not create timm model" in errors[("timm:vit_tiny_patch16_224", "-")]  # offline: no weights
     assert (tmp_path / "results.csv").read_text().startswith("model,weights,dataset,method")
