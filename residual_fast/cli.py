@@ -7,6 +7,7 @@
     residual-fast eval --fit fit/ --cache cache/test
     residual-fast bench --model ViT-B-16 --batch 8
     residual-fast reproduce --models ViT-B-16/laion2b_s34b_b88k --datasets cifar10 mnist --out results/
+    residual-fast analyze --model ViT-B-32 --datasets digits --out analysis/
 
 Models are open_clip names (``ViT-B-32``), optionally ``name/pretrained-tag``;
 without a tag the weights are random (works offline). Run any command with
@@ -202,6 +203,17 @@ def cmd_reproduce(args) -> None:
     print(f"results: {args.out}/results.json, results.csv")
 
 
+def cmd_analyze(args) -> None:
+    from .analysis.report import analyze
+
+    analyze(args.model, args.datasets, args.out, root=args.root, max_images=args.max_images,
+            twonn_samples=args.twonn_samples, id_threshold=args.id_threshold, seed=args.seed,
+            batch_size=args.batch_size, progress=not args.no_progress, pretrained=args.pretrained,
+            image_size=args.image_size)
+    print((Path(args.out) / "report.md").read_text())
+    print(f"report folder: {args.out} (report.md, metrics.json, heads.csv, per-dataset PNG heatmaps)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     from .train import METHODS
 
@@ -279,7 +291,22 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--out", default="residual_fast_results")
     r.set_defaults(func=cmd_reproduce)
 
-    for sp in (d, c, k, f, e, r):
+    a = sub.add_parser("analyze", help="intrinsic dimension, head specialization, text decomposition, spectral "
+                                       "similarity: a report folder")
+    a.add_argument("--model", default="ViT-B-32", help="open_clip name or rf.load name (hf:..., timm:...)")
+    a.add_argument("--pretrained", action="store_true", help="load pretrained weights (needs network)")
+    a.add_argument("--image-size", type=int, default=None, help="resolution override (random open_clip weights)")
+    a.add_argument("--datasets", nargs="+", default=["digits"])
+    a.add_argument("--root", default=None)
+    a.add_argument("--max-images", type=int, default=512, help="cap per split")
+    a.add_argument("--twonn-samples", type=int, default=300)
+    a.add_argument("--id-threshold", type=float, default=0.99, help="cumulative EVR for the linear ID")
+    a.add_argument("--seed", type=int, default=0)
+    a.add_argument("--batch-size", type=int, default=128)
+    a.add_argument("--out", default="residual_fast_analysis")
+    a.set_defaults(func=cmd_analyze)
+
+    for sp in (d, c, k, f, e, r, a):
         sp.add_argument("--no-progress", action="store_true", help="hide progress bars")
     return p
 
