@@ -115,6 +115,16 @@ def fingerprint_mismatch(expected: dict, actual: dict) -> str | None:
     return None
 
 
+def layer_scale_gamma(module: nn.Module, where: str) -> torch.Tensor | None:
+    """The per-channel scale of a layer-scale module (``gamma``), None for ``nn.Identity``."""
+    if isinstance(module, nn.Identity):
+        return None
+    gamma = getattr(module, "gamma", None)
+    if not isinstance(gamma, torch.Tensor):
+        raise UnsupportedModelError(f"{where}: unsupported layer-scale module {type(module).__name__}")
+    return gamma
+
+
 class UnitSink(Protocol):
     """Receives the raw unit vectors at the pooled position during a walk."""
 

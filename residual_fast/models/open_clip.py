@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .base import ReadoutSpec, UnitSink, UnsupportedModelError, VisualAdapter
+from .base import ReadoutSpec, UnitSink, UnsupportedModelError, VisualAdapter, layer_scale_gamma
 
 
 def _is_open_clip_vit(visual: nn.Module) -> bool:
@@ -22,15 +22,6 @@ def _is_open_clip_vit(visual: nn.Module) -> bool:
     except ImportError:  # pragma: no cover - open_clip is a dependency
         return False
     return isinstance(visual, VisionTransformer)
-
-
-def _layer_scale(module: nn.Module, width: int, like: torch.Tensor) -> torch.Tensor:
-    if isinstance(module, nn.Identity):
-        return torch.ones(width, dtype=like.dtype, device=like.device)
-    gamma = getattr(module, "gamma", None)
-    if isinstance(gamma, torch.Tensor) and gamma.shape == (width,):
-        return gamma.detach()
-    raise UnsupportedModelError(f"unsupported layer-scale module {type(module).__name__}")
 
 
 class OpenCLIPVisualAdapter(VisualAdapter):
@@ -113,8 +104,10 @@ class OpenCLIPVisualAdapter(VisualAdapter):
             o = blk.attn.out_proj
             out_w.append(o.weight.detach())
             out_b.append(o.bias.detach() if o.bias is not None else torch.zeros(width, dtype=p.dtype, device=p.device))
-            ls1.append(_layer_scale(blk.ls_1, width, p))
-            ls2.append(_layer_scale(blk.ls_2, width, p))
+            ones = torch.ones(width, dtype=p.dtype, device=p.device)
+            for out, mod in ((ls1, blk.ls_1), (ls2, blk.ls_2)):
+                gamma = layer_scale_gamma(mod, "open_clip block")
+                out.append(ones if gamma is None else gamma.detach())
         return ReadoutSpec(
             family=self.family,
             num_layers=len(blocks),

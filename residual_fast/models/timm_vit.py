@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from torch import nn
 
-from .base import UnsupportedModelError
+from .base import UnsupportedModelError, layer_scale_gamma
 from .generic import BlockView, LinearViTAdapter, fused_qkv
 
 
@@ -20,15 +20,6 @@ def _is_timm_vit(visual: nn.Module) -> bool:
     except ImportError:
         return False
     return isinstance(visual, VisionTransformer)
-
-
-def _layer_scale(module: nn.Module, i: int, which: str):
-    if isinstance(module, nn.Identity):
-        return None
-    gamma = getattr(module, "gamma", None)
-    if gamma is None:
-        raise UnsupportedModelError(f"block {i}: unsupported {which} {type(module).__name__}")
-    return gamma
 
 
 class TimmViTAdapter(LinearViTAdapter):
@@ -74,8 +65,8 @@ class TimmViTAdapter(LinearViTAdapter):
                 raise UnsupportedModelError(f"block {i}: unsupported block type {type(blk).__name__}")
             self.blocks.append(BlockView(blk.norm1, fused_qkv(attn.qkv, attn.num_heads, attn.q_norm, attn.k_norm),
                                          attn.scale, attn.proj.weight, attn.proj.bias,
-                                         _layer_scale(blk.ls1, i, "ls1"), blk.norm2, blk.mlp,
-                                         _layer_scale(blk.ls2, i, "ls2")))
+                                         layer_scale_gamma(blk.ls1, f"block {i} ls1"), blk.norm2, blk.mlp,
+                                         layer_scale_gamma(blk.ls2, f"block {i} ls2")))
         self.num_heads = m.blocks[0].attn.num_heads
         self.width = m.embed_dim
         if isinstance(m.head, nn.Linear):
