@@ -45,6 +45,7 @@ SHAPES = [  # (n, k per unit, q, D): odd n, k varying per unit (and 0), hd+2 = 6
     (37, [3, 0, 7, 30, 1], 66, 768),
     (70, [30, 29, 2, 66], 66, 1024),
     (130, [1, 17, 33], 34, 512),
+    (33, [8, 8, 8], 18, 512),  # equal k_u: the packed layout is used as a padded view
 ]
 
 
@@ -66,8 +67,9 @@ def test_forward_and_gradients_match_reference(backend, shape):
     assert (dl - dl_ref).abs().max() <= 1e-5 * dl_ref.abs().max()
 
 
-def test_gradcheck_float64_torch_path():
-    Z, R, t, lam, B, off = make_inputs(6, [2, 0, 3], 5, 7, dtype=torch.float64, device="cpu")
+@pytest.mark.parametrize("ks", [[2, 0, 3], [3, 3]])
+def test_gradcheck_float64_torch_path(ks):
+    Z, R, t, lam, B, off = make_inputs(6, ks, 5, 7, dtype=torch.float64, device="cpu")
     Z.requires_grad_(True)
     lam.requires_grad_(True)
     assert torch.autograd.gradcheck(lambda z, l: spectral_reweight(z, R, t, l, B, off, backend="torch"), (Z, lam))

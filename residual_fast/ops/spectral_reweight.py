@@ -34,8 +34,19 @@ def packed_index(offsets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, int
     return units, pos, max(kmax, 1)
 
 
+def uniform_k(offsets: torch.Tensor) -> int | None:
+    """``k`` when every unit has the same number of components (then packed == padded), else None."""
+    counts = offsets[1:] - offsets[:-1]
+    if counts.numel() and bool((counts == counts[0]).all()) and int(counts[0]) > 0:
+        return int(counts[0])
+    return None
+
+
 def pad_packed(x: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
-    """Packed rows (K, ...) to a zero-padded (U, k_max, ...) tensor."""
+    """Packed rows (K, ...) to a zero-padded (U, k_max, ...) tensor (a view when all ``k_u`` are equal)."""
+    k = uniform_k(offsets)
+    if k is not None:
+        return x.view((offsets.numel() - 1, k) + tuple(x.shape[1:]))
     units, pos, kmax = packed_index(offsets)
     out = x.new_zeros((offsets.numel() - 1, kmax) + tuple(x.shape[1:]))
     out[units, pos] = x
@@ -70,8 +81,10 @@ def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
 # -- torch path ------------------------------------------------------------------
 def _coefficients(Z, R, t, offsets):
     """(n, K) coefficients ``Z_u @ R_k + t_k``, by one batched GEMM over units."""
-    units, pos, _ = packed_index(offsets)
     coef = torch.bmm(Z.transpose(0, 1), pad_packed(R, offsets).transpose(1, 2))  # (U, n, kmax)
+    if uniform_k(offsets) is not None:
+        return coef.transpose(0, 1).reshape(Z.shape[0], -1) + t
+    units, pos, _ = packed_index(offsets)
     return coef[units, :, pos].transpose(0, 1) + t
 
 
@@ -88,9 +101,7 @@ def _torch_backward(grad, Z, R, t, lam, B, offsets):
     gb = grad.to(acc) @ B.to(acc).T  # (n, K)
     dlam = (gb * c).sum(0)
     dc = gb * la
-    units, pos, kmax = packed_index(offsets)
-    dc_pad = dc.new_zeros(offsets.numel() - 1, kmax, Z.shape[0])
-    dc_pad[units, pos] = dc.T
+    dc_pad = pad_packed(dc.T.contiguous(), offsets)  # (U, kmax, n)
     dz = torch.bmm(dc_pad.transpose(1, 2), pad_packed(Ra, offsets))  # (U, n, q)
     return dz.transpose(0, 1).to(Z.dtype), dlam.to(lam.dtype)
 
