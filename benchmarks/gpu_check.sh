@@ -2,13 +2,14 @@
 # The one prepared run for a lent GPU machine (device tool): build the CUDA extension,
 # run the GPU tests, run the benchmarks; everything lands under $OUT.
 #   run: bash benchmarks/gpu_check.sh      (timeout ~540 s; the GPU stack: torch 2.11, triton 3.6)
-# open_clip is not installed there: put its wheel (pip download --no-deps open_clip_torch==3.3.0 -d wheels)
-# in wheels/ and carry it.
+# open_clip is not installed there and the machine reaches no registry: download its wheels here first,
+#   pip download --no-deps -d wheels open_clip_torch==3.3.0 ftfy wcwidth
+# (wheels/ is git-ignored: pass it with the device tool's carry).
 set -u
 OUT=${OUT:-gpu_out}
 mkdir -p "$OUT"
 export TRITON_INTERPRET=0 HF_HUB_OFFLINE=1 PYTHONPATH=$PWD
-[ -d wheels ] && python -m pip install -q --no-deps wheels/*.whl ftfy regex > "$OUT/pip.txt" 2>&1
+[ -d wheels ] && python -m pip install -q --no-deps --no-index wheels/*.whl > "$OUT/pip.txt" 2>&1
 python -m residual_fast.info > "$OUT/info.txt" 2>&1
 python - > "$OUT/build.txt" 2>&1 <<'PY'
 import time
