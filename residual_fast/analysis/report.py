@@ -12,18 +12,20 @@ from ..cache import fit_bases_from_cache
 from ..classifiers import prototype_head, text_head
 from ..loading import load
 from ..pipeline import cache_splits, load_splits
-from . import default_dictionary
-from .dimension import spectral_summary, twonn
-from .similarity import bases_similarity
-from .specialization import (
+from . import (
     HeadContributions,
+    bases_similarity,
     correlation_scores,
+    default_dictionary,
     greedy_selection,
     jaccard,
     per_head_accuracy,
     random_directions,
+    somp,
+    spectral_summary,
+    textspan,
+    twonn,
 )
-from .textspan import somp, textspan
 
 
 def plot_grid(values: torch.Tensor, layers: int, title: str, path: Path, label: str, fmt: str = ".2f") -> None:
