@@ -1,10 +1,24 @@
-"""The drop-in adapted image encoder (DESIGN.md section 4.4).
+"""The drop-in adapted image encoder (DESIGN.md sections 4.4 and 4.5).
 
 One pass of the ViT; at every layer the pooled row of the attention output
-before ``out_proj`` (and of the MLP output, when MLPs are adapted) is multiplied
-by the folded map ``M_l`` and accumulated into an (n, D) buffer. The final
-LayerNorm's ``1/s`` and ``mu/s`` are applied once at the end. No (n, U, D) or
-(n, U, k) tensor exists at any point.
+before ``out_proj`` goes through the per-head ``q x q`` factors of the lean
+readout (:mod:`residual_fast.lean`) and the model's **own** out-projection into a
+width-space accumulator; adapted MLPs add ``r_l @ M_l`` into an output-space
+accumulator. The final LayerNorm's ``1/s`` and ``mu/s`` and the model's own
+projection are applied once at the end. No (n, U, D) or (n, U, k) tensor exists.
+
+Two modules:
+
+* :class:`ResiDualVisual` wraps a model and a trainable :class:`ResiDual`; it
+  re-folds when the lambdas change (any change: in-place, ``.data``,
+  ``load_state_dict``) and lets gradients reach them.
+* :meth:`ResiDualVisual.merge` returns a :class:`MergedResiDualVisual`: frozen,
+  holding only the lean readout in the model's dtype (the PEFT
+  ``merge_and_unload`` of this package); exportable and CUDA-graph friendly.
+
+Both watch the wrapped model's parameters (identity and ``_version``, read
+without a device sync): a cast or move is followed, an in-place weight change
+re-derives the adapter (un-merged) or raises (merged) - never stale maps.
 """
 
 from __future__ import annotations
@@ -12,81 +26,32 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from .lean import LeanReadout, LeanSink, fold_lean
 from .models import fingerprint_mismatch, get_adapter
-from .ops.readout import readout
 from .residual import ResiDual
-from .units import ln_stats
 
 
-class _FoldedSink:
-    """Accumulates ``r_l @ M_l`` while the walk runs; the last product carries the epilogue."""
-
-    def __init__(self, maps: dict, last: tuple[str, int], n: int, dtype: torch.dtype, device: torch.device,
-                 backend: str):
-        self.maps = maps
-        self.last = last
-        self.backend = backend
-        self.acc = torch.zeros(n, maps["v1"].shape[0], dtype=dtype, device=device)
-        self.final_pair = None
-
-    def _add(self, kind: str, layer: int, r: torch.Tensor) -> None:
-        m = self.maps.get(kind)
-        if m is None:
-            return
-        M = m if kind == "emb" else m[layer]
-        if (kind, layer) == self.last:
-            self.final_pair = (r.contiguous(), M)  # a small copy: the token tensor can be freed
-        else:
-            readout(self.acc, r, M, backend=self.backend)
-
-    def emb(self, r: torch.Tensor) -> None:
-        self._add("emb", -1, r)
-
-    def attn(self, layer: int, r: torch.Tensor) -> None:
-        self._add("head", layer, r)
-
-    def mlp(self, layer: int, r: torch.Tensor) -> None:
-        self._add("mlp", layer, r)
-
-    def finish(self, z: torch.Tensor, out: torch.Tensor, eps: float) -> torch.Tensor:
-        mu, s = ln_stats(z, eps)
-        epilogue = {
-            "s": s.to(self.acc.dtype), "mu": mu.to(self.acc.dtype), "v1": self.maps["v1"], "v2": self.maps["v2"],
-            "c": self.maps["c"], "out": out if self.maps["add_output"] else None, "dtype": out.dtype,
-        }
-        r, M = self.final_pair
-        return readout(self.acc, r, M, epilogue, backend=self.backend)
+def _compiling() -> bool:
+    return torch.compiler.is_compiling() or torch.compiler.is_exporting()
 
 
-class ResiDualVisual(nn.Module):
-    """``visual`` with a :class:`ResiDual` adapter fused into its forward.
+def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    return dtype if dtype in (torch.float32, torch.float64) else torch.float32
 
-    ``model.visual = ResiDualVisual(model.visual, adapter)`` makes
-    ``model.encode_image`` return adapted features. Attributes not defined here
-    (``image_size``, ``output_dim``, ...) are read from the wrapped encoder.
-    ``backend`` selects the readout kernels (``"auto"``: CUDA extension or Triton
-    on GPU, torch on CPU; see :mod:`residual_fast.ops.backends`).
-    """
 
-    def __init__(self, visual: nn.Module, adapter: ResiDual, backend: str = "auto"):
+class _AdaptedEncoder(nn.Module):
+    """A model with a lean readout fused into its forward (shared by the merged and un-merged forms)."""
+
+    def __init__(self, visual: nn.Module, backend: str = "auto"):
         super().__init__()
-        self.backend = backend
-        if not isinstance(adapter, ResiDual):
-            raise TypeError(f"adapter must be a residual_fast.ResiDual, got {type(adapter).__name__}")
         model_adapter = get_adapter(visual)
-        spec = model_adapter.spec()
-        why = fingerprint_mismatch(adapter.fingerprint, spec.fingerprint())
-        if why:
-            raise ValueError(f"the adapter was fitted on another model: {why}")
         if getattr(visual, "output_tokens", False):
             raise ValueError("ResiDualVisual returns pooled features only; build the model with output_tokens=False")
-        p = next(visual.parameters())
+        self.backend = backend
         self.wrapped_visual = visual
-        self.adapter = adapter.to(p.device)
         self._walker = model_adapter
-        self._spec = spec
-        self._cache_key = None
-        self._cache = None
+        self._num_heads = model_adapter.spec().num_heads
+        self._seen = self._weights_state()
 
     def __getattr__(self, name: str):
         try:
@@ -94,43 +59,145 @@ class ResiDualVisual(nn.Module):
         except AttributeError:
             return getattr(super().__getattr__("wrapped_visual"), name)
 
-    def _maps(self, dtype: torch.dtype, device: torch.device) -> dict:
-        """Folded per-layer maps in the compute dtype, cached until the lambdas change."""
-        needs_grad = torch.is_grad_enabled() and any(p.requires_grad for p in self.adapter.parameters())
-        key = (dtype, device, tuple((p.data_ptr(), p._version) for p in self.adapter.parameters()))
-        if not needs_grad and key == self._cache_key:
-            return self._cache
-        folded = self.adapter.fold()
-        spec = self._spec
-        L, w = spec.num_layers, spec.width
-        maps = {}
-        for kind, G in folded.G.items():
-            raw = G[:, :-2]  # (U, raw, D)
-            if kind == "head":
-                raw = raw.reshape(L, w, -1)  # heads of a layer stacked along the width
-            elif kind == "emb":
-                raw = raw[0]
-            maps[kind] = raw.to(device=device, dtype=dtype)
-        maps["v1"] = folded.v1.to(device=device, dtype=dtype)
-        maps["v2"] = folded.v2.to(device=device, dtype=dtype)
-        maps["c"] = folded.c.to(device=device, dtype=dtype)
-        maps["add_output"] = folded.add_output
-        if not needs_grad:
-            self._cache_key, self._cache = key, maps
-        return maps
+    # -- watching the wrapped model -------------------------------------------------------------
+    def _weights_state(self) -> tuple:
+        return tuple((id(p), p._version, p.dtype, p.device) for p in self.wrapped_visual.parameters())
+
+    def _check_model(self) -> None:
+        """Follow casts and moves of the wrapped model; react to weight changes. Host-only, no sync."""
+        if _compiling():
+            return
+        state = self._weights_state()
+        if state == self._seen:
+            return
+        old, self._seen = self._seen, state
+        self._walker = get_adapter(self.wrapped_visual)  # re-read the modules: a cast swaps parameter data
+        if len(old) != len(state) or any(a[:2] != b[:2] for a, b in zip(old, state)):
+            self._weights_changed()
+
+    def _weights_changed(self) -> None:
+        raise NotImplementedError
+
+    def _apply(self, fn, *args, **kwargs):
+        out = super()._apply(fn, *args, **kwargs)
+        self._walker = get_adapter(self.wrapped_visual)
+        self._seen = self._weights_state()
+        return out
+
+    # -- the forward ------------------------------------------------------------------------------
+    def _lean(self, dtype: torch.dtype, acc_dtype: torch.dtype, device: torch.device) -> LeanReadout:
+        raise NotImplementedError
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
+        self._check_model()
         self._walker.check_images(images)
         dtype = next(self.wrapped_visual.parameters()).dtype
-        acc_dtype = dtype if dtype in (torch.float32, torch.float64) else torch.float32
-        maps = self._maps(acc_dtype, images.device)
-        sink = _FoldedSink(maps, self._last_unit, images.shape[0], acc_dtype, images.device, self.backend)
+        acc = _acc_dtype(dtype)
+        lean = self._lean(dtype, acc, images.device)
+        sink = LeanSink(lean, self._walker.readout(), images.shape[0], self._num_heads, acc, images.device,
+                        self.backend)
         z, out = self._walker.walk(images, sink)
-        return sink.finish(z, out, self._spec.ln_eps)
+        return sink.finish(z, out)
 
-    @property
-    def _last_unit(self) -> tuple[str, int]:
-        """The adapted unit the walk reaches last (its product carries the epilogue)."""
-        kinds = self.adapter.groups
-        layer = self._spec.num_layers - 1
-        return ("mlp", layer) if "mlp" in kinds else ("head", layer) if "head" in kinds else ("emb", -1)
+
+class ResiDualVisual(_AdaptedEncoder):
+    """``visual`` with a trainable :class:`ResiDual` adapter fused into its forward.
+
+    ``model.visual = ResiDualVisual(model.visual, adapter)`` makes
+    ``model.encode_image`` return adapted features. Attributes not defined here
+    (``image_size``, ``output_dim``, ...) are read from the wrapped encoder.
+    ``backend`` selects the MLP readout kernels (see :mod:`residual_fast.ops.backends`).
+
+    The lean readout is re-folded from the lambdas whenever they change (checked by
+    value, so ``p.data`` edits and ``load_state_dict`` count) and on every call that
+    needs gradients or runs under ``torch.compile`` / ``torch.export``. Use
+    :meth:`merge` for deployment: it drops the training objects and the check.
+    """
+
+    def __init__(self, visual: nn.Module, adapter: ResiDual, backend: str = "auto"):
+        if not isinstance(adapter, ResiDual):
+            raise TypeError(f"adapter must be a residual_fast.ResiDual, got {type(adapter).__name__}")
+        why = fingerprint_mismatch(adapter.fingerprint, get_adapter(visual).spec().fingerprint())
+        if why:
+            raise ValueError(f"the adapter was fitted on another model: {why}")
+        super().__init__(visual, backend)
+        p = next(visual.parameters())
+        self.adapter = adapter.to(p.device)
+        self._cache: tuple | None = None  # (key, lambdas snapshot, lean)
+
+    def _weights_changed(self) -> None:
+        # re-derive R, X and the constants from the new weights (the bases stay those that were fitted)
+        self.adapter._bind(get_adapter(self.wrapped_visual).spec())
+        self._cache = None
+
+    def _fold(self) -> LeanReadout:
+        return fold_lean(self.adapter, self._walker.readout())
+
+    def _lean(self, dtype, acc_dtype, device) -> LeanReadout:
+        a = self.adapter
+        needs_grad = torch.is_grad_enabled() and any(p.requires_grad for p in a.parameters())
+        if needs_grad or _compiling():
+            return self._fold().cast(dtype, acc_dtype, device)
+        key = (dtype, device, a.padding, a.ablation, a.add_means, tuple(b._version for b in a.buffers()))
+        lams = [p.detach() for p in a.parameters()]
+        if self._cache is not None:
+            ckey, snap, lean = self._cache
+            # by value: a .data edit leaves _version unchanged (one small device comparison)
+            if ckey == key and all(torch.equal(x, y) for x, y in zip(lams, snap)):
+                return lean
+        with torch.no_grad():
+            lean = self._fold().cast(dtype, acc_dtype, device)
+        self._cache = (key, [x.clone() for x in lams], lean)
+        return lean
+
+    def _apply(self, fn, *args, **kwargs):
+        self._cache = None
+        return super()._apply(fn, *args, **kwargs)
+
+    @torch.no_grad()
+    def merge(self) -> MergedResiDualVisual:
+        """A frozen inference module with the same forward, holding only the lean readout.
+
+        Like PEFT's ``merge_and_unload``: the returned module wraps the same model
+        (no weight copy) and keeps none of the training objects (bases, lambdas,
+        float64 maps); its extra tensors are in the model's dtype.
+        """
+        self._check_model()
+        dtype = next(self.wrapped_visual.parameters()).dtype
+        lean = self._fold().cast(dtype, _acc_dtype(dtype))
+        info = {"variant": self.adapter.variant, "fingerprint": self.adapter.fingerprint}
+        return MergedResiDualVisual(self.wrapped_visual, lean, info, backend=self.backend)
+
+
+class MergedResiDualVisual(_AdaptedEncoder):
+    """A merged ResiDual encoder (from :meth:`ResiDualVisual.merge`): model + lean readout buffers.
+
+    Inference only: the adapted forward costs the plain forward plus ``H x hd x q``
+    multiply-adds per head layer per image. If the wrapped model's weights change
+    after merging, the next forward raises instead of serving old maps; casts and
+    moves of the model or of this module are followed.
+    """
+
+    def __init__(self, visual: nn.Module, lean: LeanReadout, info: dict, backend: str = "auto"):
+        super().__init__(visual, backend)
+        for name in LeanReadout.TENSORS:
+            t = getattr(lean, name)
+            self.register_buffer(name, None if t is None else t.detach().clone())
+        self._add_output = bool(lean.add_output)
+        self._head_weight = float(lean.head_weight)
+        self.info = dict(info)
+        self.eval()
+
+    def _weights_changed(self) -> None:
+        raise RuntimeError(
+            "the wrapped model's weights changed after merge(): the merged readout was folded through the old "
+            "weights; merge again from a ResiDualVisual of the changed model"
+        )
+
+    def _lean(self, dtype, acc_dtype, device) -> LeanReadout:
+        return LeanReadout(self.head_A, self.head_scale, self.mlp_M, self.emb_M, self.v1, self.v2, self.c,
+                           self._add_output, self._head_weight)
+
+    def extra_repr(self) -> str:
+        shapes = {n: tuple(getattr(self, n).shape) for n in LeanReadout.TENSORS if getattr(self, n) is not None}
+        return f"variant={self.info.get('variant')!r}, lean={shapes}"

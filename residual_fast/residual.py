@@ -4,15 +4,13 @@ from __future__ import annotations
 
 import os
 from collections.abc import Sequence
-from dataclasses import dataclass
-
 import torch
 from torch import nn
 
 from ._version import __version__
 from .models import UNIT_KINDS, ReadoutSpec, fingerprint_mismatch, get_adapter
 from .ops import spectral_reweight
-from .ops.spectral_reweight import packed_index, pad_packed
+from .ops.spectral_reweight import packed_index
 from .serialization import load_bundle, save_bundle
 from .spectral import SpectralBases, _check_kinds
 from .units import Activations, UnitTable, affine_maps
@@ -31,7 +29,14 @@ INITS = ("ones", "randn", "eigen")
 
 
 class UnitGroup(nn.Module):
-    """The adapted units of one kind: packed components, their lambdas, spec-derived maps."""
+    """The adapted units of one kind: packed components, their lambdas, spec-derived maps.
+
+    ``bind`` derives, one layer at a time (never a K x q x D tensor), the
+    coefficient maps ``R`` (K, q) with ``R_k = F_u B_k``, offsets ``t`` (K,) and,
+    for heads, ``X`` (K, q) with ``B_u = X_u F_u`` (the components lie in the row
+    space of the unit's affine map), plus the constants ``zF = sum_u zmean_u F_u``
+    and ``const_sum = sum_u const_u``.
+    """
 
     def __init__(self, kind: str, scalar: bool, components: torch.Tensor, offsets: torch.Tensor,
                  zmean: torch.Tensor, eigenvalues: torch.Tensor, lam: torch.Tensor):
@@ -43,48 +48,78 @@ class UnitGroup(nn.Module):
         self.register_buffer("zmean", zmean)  # (U, q)
         self.register_buffer("eigenvalues", eigenvalues)  # (K,)
         self.lam = nn.Parameter(lam)
+        # the packing as Python numbers: padding needs no device sync and traces under torch.compile/export
+        self._ks = tuple(int(k) for k in (offsets[1:] - offsets[:-1]).tolist())
+        self._starts = tuple(int(o) for o in offsets.tolist())
+        self._kmax = max(max(self._ks, default=0), 1)
+        self._uniform = bool(self._ks) and len(set(self._ks)) == 1 and self._ks[0] > 0
+        units, pos, _ = packed_index(offsets)
+        self.register_buffer("_units", units, persistent=False)
+        self.register_buffer("_pos", pos, persistent=False)
 
     @property
     def num_units(self) -> int:
-        return self.offsets.numel() - 1
+        return len(self._ks)
 
     def ks(self) -> list[int]:
-        return (self.offsets[1:] - self.offsets[:-1]).tolist()
+        return list(self._ks)
 
     def index(self) -> tuple[torch.Tensor, torch.Tensor]:
-        units, pos, _ = packed_index(self.offsets)
-        return units, pos
+        return self._units, self._pos
+
+    def pad(self, x: torch.Tensor) -> torch.Tensor:
+        """Packed rows (K, ...) as (U, k_max, ...), zero-padded (a view when every ``k_u`` is equal)."""
+        rest = tuple(x.shape[1:])
+        if self._uniform:
+            return x.view((self.num_units, self._ks[0]) + rest)
+        out = x.new_zeros((self.num_units, self._kmax) + rest)
+        return out.index_put((self._units, self._pos), x)
 
     def padded_components(self) -> torch.Tensor:
-        return pad_packed(self.components, self.offsets)
+        return self.pad(self.components)
 
+    def chunks(self, spec: ReadoutSpec) -> list[tuple[int, int, range]]:
+        """(first unit, end unit, layers) per layer: the unit of bounded work."""
+        if self.kind == "emb":
+            return [(0, 1, range(0, 1))]
+        per = spec.num_heads if self.kind == "head" else 1
+        return [(layer * per, (layer + 1) * per, range(layer, layer + 1)) for layer in range(spec.num_layers)]
+
+    @torch.no_grad()
     def bind(self, spec: ReadoutSpec) -> None:
-        """Derive the maps that come from the model: ``F``, ``const`` and ``R = F B.T``, ``t``."""
-        F, const = affine_maps(spec, self.kind)
+        """Derive ``R``, ``t``, ``X``, ``zF``, ``const_sum`` from the model, one layer at a time (float64)."""
         dev = self.zmean.device
-        F, const = F.to(dev), const.to(dev)
-        self.register_buffer("F", F, persistent=False)  # (U, q, D) float64
-        self.register_buffer("const", const, persistent=False)  # (U, D)
-        if not self.scalar:
-            units, _ = self.index()
-            R = torch.einsum("kqd,kd->kq", F[units], self.components.to(F.dtype))  # (K, q)
-            t = -(self.zmean.to(F.dtype)[units] * R).sum(dim=-1)
+        f64 = torch.float64
+        zmean = self.zmean.to(f64)
+        q, D = zmean.shape[1], spec.out_dim
+        K = self.components.shape[0]
+        zF = torch.zeros(D, dtype=f64, device=dev)
+        const_sum = torch.zeros(D, dtype=f64, device=dev)
+        R = None if self.scalar else torch.zeros(K, q, dtype=f64, device=dev)
+        X = None if self.scalar or self.kind != "head" else torch.zeros(K, q, dtype=f64, device=dev)
+        for u0, u1, layers in self.chunks(spec):
+            F, const = affine_maps(spec, self.kind, layers=layers)
+            F, const = F.to(dev), const.to(dev)
+            zF += torch.einsum("uq,uqd->d", zmean[u0:u1], F)
+            const_sum += const.sum(0)
+            if self.scalar:
+                continue
+            k0, k1 = self._starts[u0], self._starts[u1]
+            if k0 == k1:
+                continue
+            lu, pos = self._units[k0:k1] - u0, self._pos[k0:k1]
+            Bp = torch.zeros(u1 - u0, self._kmax, D, dtype=f64, device=dev)
+            Bp[lu, pos] = self.components[k0:k1].to(f64)
+            R[k0:k1] = (F @ Bp.transpose(1, 2))[lu, :, pos]  # (Kc, q)
+            if X is not None:
+                X[k0:k1] = (Bp @ torch.linalg.pinv(F))[lu, pos]
+        self.register_buffer("zF", zF, persistent=False)
+        self.register_buffer("const_sum", const_sum, persistent=False)
+        if R is not None:
             self.register_buffer("R", R, persistent=False)
-            self.register_buffer("t", t, persistent=False)
-
-
-@dataclass
-class FoldedReadout:
-    """The adapted readout as one affine map of each kind's raw vectors (DESIGN.md 4.4).
-
-    ``y = (sum_kind sum_u r_u @ G_kind[u, :raw] + v1) / s + (mu / s) v2 + c (+ out)``
-    """
-
-    G: dict[str, torch.Tensor]  # kind -> (U_kind, q, D) float64
-    v1: torch.Tensor  # (D,)
-    v2: torch.Tensor
-    c: torch.Tensor
-    add_output: bool
+            self.register_buffer("t", -(zmean[self._units] * R).sum(dim=-1), persistent=False)
+        if X is not None:
+            self.register_buffer("X", X, persistent=False)
 
 
 class ResiDual(nn.Module):
@@ -136,14 +171,19 @@ class ResiDual(nn.Module):
     def _consts(self, dtype: torch.dtype) -> dict:
         """Everything the factorized forward needs that does not depend on the lambdas, in ``dtype``.
 
-        Cached: converting ``F`` (U x q x D) and forming the constants on every
-        training step would cost more than the step itself.
+        Cached: converting the maps and forming the constants on every training
+        step would cost more than the step itself. The dense ``F`` (U, q, D) is
+        formed only for groups that apply it (coarse, or ``padding`` differing
+        from the ablation's pass-through).
         """
         key = (dtype, self.means.device)
         if key not in self._consts_cache:
             out = {"rest_mean": self._rest_mean().to(dtype) if self.ablation == "mean" else None}
+            sum_abl = 1.0 if self.ablation == "sum" else 0.0
             for kind, g in self.groups.items():
-                item = {"F": g.F.to(dtype), "const": g.const.to(dtype)}
+                item = {"const_unit": (g.const_sum / g.num_units).to(dtype)}
+                if g.scalar or self.padding - sum_abl:
+                    item["F"] = affine_maps(self.spec, kind)[0].to(device=g.zmean.device, dtype=dtype)
                 if not g.scalar:
                     item.update(R=g.R.to(dtype), t=g.t.to(dtype), B=g.components.to(dtype),
                                 constant=self._group_constant(g).to(dtype))
@@ -263,7 +303,7 @@ class ResiDual(nn.Module):
             c = consts[kind]
             lam = g.lam.to(dtype)
             if g.scalar:
-                y = y + _flat_mm(Z * (lam - sum_abl)[:, None], c["F"]) + (lam - sum_abl) @ c["const"]
+                y = y + _flat_mm(Z * (lam - sum_abl)[:, None], c["F"]) + (lam - sum_abl).sum() * c["const_unit"]
                 continue
             y = y + spectral_reweight(Z, c["R"], c["t"], lam - self.padding, c["B"], g.offsets, backend=self.backend)
             lin = self.padding - sum_abl
@@ -278,13 +318,12 @@ class ResiDual(nn.Module):
 
     def _group_constant(self, g: UnitGroup) -> torch.Tensor:
         """Constant of a PCA group: ``-padding * zmean F + add_means * m - [sum] const``."""
-        idx = self.table.indices(g.kind).to(self.means.device)
-        zF = torch.einsum("uq,uqd->d", g.zmean.to(g.F.dtype), g.F)
-        out = -self.padding * zF
+        out = -self.padding * g.zF
         if self.add_means:
-            out = out + self.means[idx].to(g.F.dtype).sum(0)
+            idx = self.table.indices(g.kind).to(self.means.device)
+            out = out + self.means[idx].to(g.zF.dtype).sum(0)
         if self.ablation == "sum":
-            out = out - g.const.sum(0)
+            out = out - g.const_sum
         return out
 
     def _rest_mean(self) -> torch.Tensor:
@@ -292,37 +331,6 @@ class ResiDual(nn.Module):
         for kind in self.groups:
             rest[self.table.indices(kind)] = False
         return self.means[rest.to(self.means.device)].sum(0)
-
-    def fold(self) -> FoldedReadout:
-        """Fold the current lambdas into one affine map per kind (for the fused encoder).
-
-        Differentiable in the lambdas; everything is computed in float64.
-        """
-        sum_abl = 1.0 if self.ablation == "sum" else 0.0
-        D = self.out_dim
-        dev = self.means.device
-        G = {}
-        c = torch.zeros(D, dtype=torch.float64, device=dev)
-        for kind, g in self.groups.items():
-            lam = g.lam.to(torch.float64)
-            if g.scalar:
-                G[kind] = (lam - sum_abl)[:, None, None] * g.F
-                c = c + ((lam - sum_abl)[:, None] * g.const).sum(0)
-                continue
-            w = lam - self.padding
-            Rp = pad_packed(g.R, g.offsets)  # (U, kmax, q)
-            WB = pad_packed(w[:, None] * g.components.to(torch.float64), g.offsets)  # (U, kmax, D)
-            Gk = Rp.transpose(1, 2) @ WB
-            lin = self.padding - sum_abl
-            if lin:
-                Gk = Gk + lin * g.F
-            G[kind] = Gk
-            c = c + (g.t * w) @ g.components.to(torch.float64) + self._group_constant(g)
-        if self.ablation == "mean":
-            c = c + self._rest_mean().to(torch.float64)
-        v1 = sum(Gk[:, -2].sum(0) for Gk in G.values())
-        v2 = sum(Gk[:, -1].sum(0) for Gk in G.values())
-        return FoldedReadout(G, v1, v2, c, add_output=self.ablation == "sum")
 
     # -- persistence --------------------------------------------------------------
     def save(self, path: str | os.PathLike) -> None:

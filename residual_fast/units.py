@@ -139,9 +139,16 @@ class Activations:
         return torch.cat([r * inv, extra], dim=-1)
 
 
-def affine_maps(spec: ReadoutSpec, kind: str, dtype: torch.dtype = torch.float64) -> tuple[torch.Tensor, torch.Tensor]:
-    """``F`` (U_kind, raw_dim + 2, D) and ``const`` (U_kind, D) with ``o_u = z_u @ F_u + const_u``."""
+def affine_maps(spec: ReadoutSpec, kind: str, dtype: torch.dtype = torch.float64,
+                layers: range | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """``F`` (U, raw_dim + 2, D) and ``const`` (U, D) with ``o_u = z_u @ F_u + const_u``.
+
+    For every unit of ``kind``, or only for the units of ``layers`` (heads and MLPs;
+    chunking keeps the peak at one layer's maps when U x q x D would be large).
+    """
     L, H, hd, w = spec.num_layers, spec.num_heads, spec.head_dim, spec.width
+    if layers is None or kind == "emb":
+        layers = range(L)
     gamma = spec.ln_weight.to(dtype)
     beta = spec.ln_bias.to(dtype)
     P = spec.proj.to(dtype) if spec.proj is not None else torch.eye(w, dtype=dtype, device=gamma.device)
@@ -150,20 +157,28 @@ def affine_maps(spec: ReadoutSpec, kind: str, dtype: torch.dtype = torch.float64
     const_row = beta @ P
     if spec.proj_bias is not None:
         const_row = const_row + spec.proj_bias.to(dtype)
+    ones = torch.ones(w, dtype=dtype, device=gamma.device)
     if kind == "head":
-        ls1 = spec.ls_attn.to(dtype)  # (L, w)
-        wo = spec.attn_out_weight.to(dtype).view(L, w, H, hd)  # (L, out=w, H, hd)
-        # W_u = W_o,l,h.T * ls1_l : (hd, w); rows of F: W_u @ diag(gamma) @ P
-        Wu = wo.permute(0, 2, 3, 1) * ls1[:, None, None, :]  # (L, H, hd, w)
-        top = (Wu @ gP).reshape(L * H, hd, -1)
-        b = (spec.attn_out_bias.to(dtype) * ls1 / H)  # (L, w)
-        bias_row = (b @ gP).repeat_interleave(H, dim=0)  # (L*H, D)
-        count = L * H
+        tops, bias_rows = [], []
+        for layer in layers:
+            lr = spec.layers[layer]
+            ls1 = lr.ls1.to(dtype) if lr.ls1 is not None else ones
+            wo = lr.out_weight.to(dtype).view(w, H, hd)  # (out=w, H, hd)
+            # W_u = W_o,l,h.T * ls1_l : (hd, w); rows of F: W_u @ diag(gamma) @ P
+            tops.append((wo.permute(1, 2, 0) * ls1) @ gP)  # (H, hd, D)
+            b = lr.out_bias.to(dtype) * ls1 / H if lr.out_bias is not None else torch.zeros_like(ones)
+            bias_rows.append((b @ gP).expand(H, -1))
+        top = torch.cat(tops)
+        bias_row = torch.cat(bias_rows)
     else:
-        scale = spec.ls_mlp.to(dtype) if kind == "mlp" else torch.ones(1, w, dtype=dtype, device=gamma.device)
+        if kind == "mlp":
+            scale = torch.stack([spec.layers[i].ls2.to(dtype) if spec.layers[i].ls2 is not None else ones
+                                 for i in layers])
+        else:
+            scale = ones[None]
         top = scale[:, :, None] * gP[None]  # (U, w, D)
-        count = scale.shape[0]
-        bias_row = torch.zeros(count, gP.shape[1], dtype=dtype, device=gamma.device)
+        bias_row = torch.zeros(top.shape[0], gP.shape[1], dtype=dtype, device=gamma.device)
+    count = top.shape[0]
     mu_row = (-wu * (gamma @ P)).expand(count, -1)
     F = torch.cat([top, bias_row[:, None, :], mu_row[:, None, :]], dim=1)
     const = (wu * const_row).expand(count, -1).clone()

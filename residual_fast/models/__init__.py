@@ -6,6 +6,8 @@ from torch import nn
 
 from .base import (
     UNIT_KINDS,
+    LayerReadout,
+    LiveReadout,
     ReadoutSpec,
     UnitSink,
     UnsupportedModelError,
@@ -39,6 +41,8 @@ def get_adapter(visual: nn.Module) -> VisualAdapter:
 __all__ = [
     "ADAPTERS",
     "UNIT_KINDS",
+    "LayerReadout",
+    "LiveReadout",
     "OpenCLIPVisualAdapter",
     "ReadoutSpec",
     "UnitSink",

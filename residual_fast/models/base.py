@@ -30,11 +30,39 @@ class UnsupportedModelError(ValueError):
 
 
 @dataclass
+class LayerReadout:
+    """One block's tensors on the readout path: the model's own (live) weights."""
+
+    out_weight: torch.Tensor  # (w, H * hd), torch Linear layout (out, in)
+    out_bias: torch.Tensor | None  # (w,)
+    ls1: torch.Tensor | None  # (w,) layer scale of the attention branch, None if none
+    ls2: torch.Tensor | None  # (w,) layer scale of the MLP branch, None if none
+
+
+@dataclass
+class LiveReadout:
+    """The model's own tensors that carry the residual units to the output, read from its modules.
+
+    No copies: ``proj`` may be a transposed view (HF ``Linear`` heads). Read it
+    again after the model is cast or moved (``.half()`` swaps each parameter's data).
+    """
+
+    layers: list[LayerReadout]
+    ln_weight: torch.Tensor | None  # (w,)
+    ln_bias: torch.Tensor | None  # (w,)
+    ln_eps: float
+    proj: torch.Tensor | None  # (w, D) or None for the identity
+    proj_bias: torch.Tensor | None  # (D,)
+
+
+@dataclass
 class ReadoutSpec:
     """Where the residual units of a ViT live and how they reach the output.
 
     Shapes: ``L`` layers, ``H`` heads of dim ``hd``, width ``w = H * hd``,
-    output dim ``D``. Tensors are detached views of the model's own weights.
+    output dim ``D``. Tensors are detached views of the model's own weights; the
+    per-layer stacks (``attn_out_weight`` ...) are built on demand, so a spec
+    holds no copy of the model.
     """
 
     family: str
@@ -49,11 +77,50 @@ class ReadoutSpec:
     ln_eps: float
     proj: torch.Tensor | None  # (w, D) or None for the identity
     proj_bias: torch.Tensor | None  # (D,) or None
-    attn_out_weight: torch.Tensor  # (L, w, w), torch Linear layout (out, in)
-    attn_out_bias: torch.Tensor  # (L, w)
-    ls_attn: torch.Tensor  # (L, w) layer scale of the attention branch (ones if none)
-    ls_mlp: torch.Tensor  # (L, w) layer scale of the MLP branch (ones if none)
+    layers: list[LayerReadout]
     extra: dict = field(default_factory=dict)
+
+    @classmethod
+    def from_readout(cls, family: str, pool: str, num_heads: int, live: LiveReadout) -> ReadoutSpec:
+        w = live.layers[0].out_weight.shape[0]
+        ref = live.layers[0].out_weight
+
+        def det(t):
+            return None if t is None else t.detach()
+
+        ln_w = det(live.ln_weight) if live.ln_weight is not None else ref.new_ones(w).detach()
+        ln_b = det(live.ln_bias) if live.ln_bias is not None else ref.new_zeros(w).detach()
+        return cls(
+            family=family, num_layers=len(live.layers), num_heads=num_heads, head_dim=w // num_heads, width=w,
+            out_dim=live.proj.shape[1] if live.proj is not None else w, pool=pool, ln_weight=ln_w, ln_bias=ln_b,
+            ln_eps=float(live.ln_eps), proj=det(live.proj), proj_bias=det(live.proj_bias),
+            layers=[LayerReadout(l.out_weight.detach(), det(l.out_bias), det(l.ls1), det(l.ls2)) for l in live.layers],
+        )
+
+    def _stack(self, name: str, fill: float) -> torch.Tensor:
+        ref = self.layers[0].out_weight
+        return torch.stack([getattr(l, name) if getattr(l, name) is not None else
+                            torch.full((self.width,), fill, dtype=ref.dtype, device=ref.device) for l in self.layers])
+
+    @property
+    def attn_out_weight(self) -> torch.Tensor:
+        """(L, w, w) out-projection weights (a new stacked tensor)."""
+        return torch.stack([l.out_weight for l in self.layers])
+
+    @property
+    def attn_out_bias(self) -> torch.Tensor:
+        """(L, w) out-projection biases (zeros where none)."""
+        return self._stack("out_bias", 0.0)
+
+    @property
+    def ls_attn(self) -> torch.Tensor:
+        """(L, w) layer scale of the attention branch (ones if none)."""
+        return self._stack("ls1", 1.0)
+
+    @property
+    def ls_mlp(self) -> torch.Tensor:
+        """(L, w) layer scale of the MLP branch (ones if none)."""
+        return self._stack("ls2", 1.0)
 
     @property
     def num_units(self) -> int:
@@ -148,6 +215,10 @@ class VisualAdapter:
         raise NotImplementedError
 
     def spec(self) -> ReadoutSpec:
+        raise NotImplementedError
+
+    def readout(self) -> LiveReadout:
+        """The model's own readout tensors, read from its modules now (no copies)."""
         raise NotImplementedError
 
     def walk(self, images: torch.Tensor, sink: UnitSink | None) -> tuple[torch.Tensor, torch.Tensor]:

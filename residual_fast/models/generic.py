@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .base import ReadoutSpec, UnitSink, UnsupportedModelError, VisualAdapter
+from .base import LayerReadout, LiveReadout, ReadoutSpec, UnitSink, UnsupportedModelError, VisualAdapter
 
 
 @dataclass
@@ -98,32 +98,13 @@ class LinearViTAdapter(VisualAdapter):
     def _pool(self, x: torch.Tensor) -> torch.Tensor:
         return x[:, 0] if self.pool_kind == "cls" else x[:, self.num_prefix:].mean(dim=1)
 
-    def spec(self) -> ReadoutSpec:
+    def readout(self) -> LiveReadout:
         ln = _as_layernorm(self.final_norm, "the final norm")
-        p = next(self.visual.parameters())
-        w = self.width
+        layers = [LayerReadout(b.out_weight, b.out_bias, b.ls1, b.ls2) for b in self.blocks]
+        return LiveReadout(layers, ln.weight, ln.bias, float(ln.eps), self.proj_weight, self.proj_bias)
 
-        def vec(t, fill):
-            return t.detach() if t is not None else torch.full((w,), fill, dtype=p.dtype, device=p.device)
-
-        return ReadoutSpec(
-            family=self.family,
-            num_layers=len(self.blocks),
-            num_heads=self.num_heads,
-            head_dim=w // self.num_heads,
-            width=w,
-            out_dim=self.proj_weight.shape[1] if self.proj_weight is not None else w,
-            pool=self.pool_kind,
-            ln_weight=vec(ln.weight, 1.0),
-            ln_bias=vec(ln.bias, 0.0),
-            ln_eps=float(ln.eps),
-            proj=self.proj_weight.detach() if self.proj_weight is not None else None,
-            proj_bias=self.proj_bias.detach() if self.proj_bias is not None else None,
-            attn_out_weight=torch.stack([b.out_weight.detach() for b in self.blocks]),
-            attn_out_bias=torch.stack([vec(b.out_bias, 0.0) for b in self.blocks]),
-            ls_attn=torch.stack([vec(b.ls1, 1.0) for b in self.blocks]),
-            ls_mlp=torch.stack([vec(b.ls2, 1.0) for b in self.blocks]),
-        )
+    def spec(self) -> ReadoutSpec:
+        return ReadoutSpec.from_readout(self.family, self.pool_kind, self.num_heads, self.readout())
 
     def walk(self, images: torch.Tensor, sink: UnitSink | None) -> tuple[torch.Tensor, torch.Tensor]:
         x = self.embed(images)

@@ -13,7 +13,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .base import ReadoutSpec, UnitSink, UnsupportedModelError, VisualAdapter, layer_scale_gamma
+from .base import (
+    LayerReadout,
+    LiveReadout,
+    ReadoutSpec,
+    UnitSink,
+    UnsupportedModelError,
+    VisualAdapter,
+    layer_scale_gamma,
+)
 
 
 def _is_open_clip_vit(visual: nn.Module) -> bool:
@@ -89,43 +97,19 @@ class OpenCLIPVisualAdapter(VisualAdapter):
     def pool(self) -> str:
         return "cls" if getattr(self.visual, "pool_type", "tok") == "tok" else "mean"
 
-    def spec(self) -> ReadoutSpec:
+    def readout(self) -> LiveReadout:
         v = self.visual
-        blocks = v.transformer.resblocks
-        width = v.transformer.width
-        heads = blocks[0].attn.num_heads
-        p = next(v.parameters())
-        ln = v.ln_post
-        ln_w = ln.weight.detach() if ln.weight is not None else torch.ones(width, dtype=p.dtype, device=p.device)
-        ln_b = ln.bias.detach() if ln.bias is not None else torch.zeros(width, dtype=p.dtype, device=p.device)
-        proj = v.proj.detach() if getattr(v, "proj", None) is not None else None
-        out_w, out_b, ls1, ls2 = [], [], [], []
-        for blk in blocks:
+        layers = []
+        for blk in v.transformer.resblocks:
             o = blk.attn.out_proj
-            out_w.append(o.weight.detach())
-            out_b.append(o.bias.detach() if o.bias is not None else torch.zeros(width, dtype=p.dtype, device=p.device))
-            ones = torch.ones(width, dtype=p.dtype, device=p.device)
-            for out, mod in ((ls1, blk.ls_1), (ls2, blk.ls_2)):
-                gamma = layer_scale_gamma(mod, "open_clip block")
-                out.append(ones if gamma is None else gamma.detach())
-        return ReadoutSpec(
-            family=self.family,
-            num_layers=len(blocks),
-            num_heads=heads,
-            head_dim=width // heads,
-            width=width,
-            out_dim=proj.shape[1] if proj is not None else width,
-            pool=self.pool,
-            ln_weight=ln_w,
-            ln_bias=ln_b,
-            ln_eps=float(ln.eps),
-            proj=proj,
-            proj_bias=None,
-            attn_out_weight=torch.stack(out_w),
-            attn_out_bias=torch.stack(out_b),
-            ls_attn=torch.stack(ls1),
-            ls_mlp=torch.stack(ls2),
-        )
+            layers.append(LayerReadout(o.weight, o.bias, layer_scale_gamma(blk.ls_1, "open_clip block"),
+                                       layer_scale_gamma(blk.ls_2, "open_clip block")))
+        ln = v.ln_post
+        return LiveReadout(layers, ln.weight, ln.bias, float(ln.eps), getattr(v, "proj", None), None)
+
+    def spec(self) -> ReadoutSpec:
+        heads = self.visual.transformer.resblocks[0].attn.num_heads
+        return ReadoutSpec.from_readout(self.family, self.pool, heads, self.readout())
 
     # -- the walk -------------------------------------------------------------
     def check_images(self, images: torch.Tensor) -> None:
