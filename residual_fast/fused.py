@@ -72,7 +72,7 @@ class _AdaptedEncoder(nn.Module):
             return
         old, self._seen = self._seen, state
         self._walker = get_adapter(self.wrapped_visual)  # re-read the modules: a cast swaps parameter data
-        if len(old) != len(state) or any(a[:2] != b[:2] for a, b in zip(old, state)):
+        if len(old) != len(state) or any(a[:2] != b[:2] for a, b in zip(old, state, strict=True)):
             self._weights_changed()
 
     def _weights_changed(self) -> None:
@@ -143,7 +143,7 @@ class ResiDualVisual(_AdaptedEncoder):
         if self._cache is not None:
             ckey, snap, lean = self._cache
             # by value: a .data edit leaves _version unchanged (one small device comparison)
-            if ckey == key and all(torch.equal(x, y) for x, y in zip(lams, snap)):
+            if ckey == key and all(torch.equal(x, y) for x, y in zip(lams, snap, strict=True)):
                 return lean
         with torch.no_grad():
             lean = self._fold().cast(dtype, acc_dtype, device)
