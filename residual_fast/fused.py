@@ -17,8 +17,9 @@ Two modules:
   ``merge_and_unload`` of this package); exportable and CUDA-graph friendly.
 
 Both watch the wrapped model's parameters (identity and ``_version``, read
-without a device sync): a cast or move is followed, an in-place weight change
-re-derives the adapter (un-merged) or raises (merged) - never stale maps.
+without a device sync): a cast or move is followed; after an in-place weight
+change the readout weights are fingerprinted again, and a change there raises
+(the maps were derived from the old weights) - never stale maps.
 """
 
 from __future__ import annotations
@@ -50,7 +51,9 @@ class _AdaptedEncoder(nn.Module):
         self.backend = backend
         self.wrapped_visual = visual
         self._walker = model_adapter
-        self._num_heads = model_adapter.spec().num_heads
+        spec = model_adapter.spec()
+        self._num_heads = spec.num_heads
+        self._fingerprint = spec.fingerprint()
         self._seen = self._weights_state()
 
     def __getattr__(self, name: str):
@@ -64,19 +67,26 @@ class _AdaptedEncoder(nn.Module):
         return tuple((id(p), p._version, p.dtype, p.device) for p in self.wrapped_visual.parameters())
 
     def _check_model(self) -> None:
-        """Follow casts and moves of the wrapped model; react to weight changes. Host-only, no sync."""
+        """Follow casts and moves of the wrapped model; refuse changed readout weights. Host-only, no sync."""
         if _compiling():
             return
         state = self._weights_state()
         if state == self._seen:
             return
-        old, self._seen = self._seen, state
-        self._walker = get_adapter(self.wrapped_visual)  # re-read the modules: a cast swaps parameter data
-        if len(old) != len(state) or any(a[:2] != b[:2] for a, b in zip(old, state, strict=True)):
+        walker = get_adapter(self.wrapped_visual)  # re-read the modules: a cast swaps parameter data
+        if len(state) != len(self._seen) or any(a[:2] != b[:2] for a, b in zip(self._seen, state, strict=True)):
+            # written in place (load_state_dict, an optimizer step, p.copy_): do the maps still hold?
+            why = fingerprint_mismatch(self._fingerprint, walker.spec().fingerprint())
+            if why:
+                raise RuntimeError(
+                    f"the wrapped model's readout weights changed after wrapping ({why}); the adapter's maps were "
+                    "derived from the old weights. Fit bases on the changed model and build a new adapter"
+                )
             self._weights_changed()
+        self._walker, self._seen = walker, state
 
     def _weights_changed(self) -> None:
-        raise NotImplementedError
+        """Weights other than the readout's changed: the lean maps still hold."""
 
     def _apply(self, fn, *args, **kwargs):
         out = super()._apply(fn, *args, **kwargs)
@@ -126,8 +136,6 @@ class ResiDualVisual(_AdaptedEncoder):
         self._cache: tuple | None = None  # (key, lambdas snapshot, lean)
 
     def _weights_changed(self) -> None:
-        # re-derive R, X and the constants from the new weights (the bases stay those that were fitted)
-        self.adapter._bind(get_adapter(self.wrapped_visual).spec())
         self._cache = None
 
     def _fold(self) -> LeanReadout:
@@ -143,7 +151,7 @@ class ResiDualVisual(_AdaptedEncoder):
         if self._cache is not None:
             ckey, snap, lean = self._cache
             # by value: a .data edit leaves _version unchanged (one small device comparison)
-            if ckey == key and all(torch.equal(x, y) for x, y in zip(lams, snap, strict=True)):
+            if ckey == key and len(snap) == len(lams) and all(torch.equal(x, y) for x, y in zip(lams, snap, strict=True)):
                 return lean
         with torch.no_grad():
             lean = self._fold().cast(dtype, acc_dtype, device)
@@ -173,31 +181,27 @@ class MergedResiDualVisual(_AdaptedEncoder):
     """A merged ResiDual encoder (from :meth:`ResiDualVisual.merge`): model + lean readout buffers.
 
     Inference only: the adapted forward costs the plain forward plus ``H x hd x q``
-    multiply-adds per head layer per image. If the wrapped model's weights change
-    after merging, the next forward raises instead of serving old maps; casts and
-    moves of the model or of this module are followed.
+    multiply-adds per head layer per image. If the wrapped model's readout weights
+    change after merging, the next forward raises instead of serving old maps;
+    casts and moves of the model or of this module are followed.
     """
 
     def __init__(self, visual: nn.Module, lean: LeanReadout, info: dict, backend: str = "auto"):
         super().__init__(visual, backend)
         for name in LeanReadout.TENSORS:
             t = getattr(lean, name)
-            self.register_buffer(name, None if t is None else t.detach().clone())
+            if t is not None:  # absent, not None: torch.export miscounts None buffers
+                self.register_buffer(name, t.detach().clone())
         self._add_output = bool(lean.add_output)
         self._head_weight = float(lean.head_weight)
         self.info = dict(info)
         self.eval()
 
-    def _weights_changed(self) -> None:
-        raise RuntimeError(
-            "the wrapped model's weights changed after merge(): the merged readout was folded through the old "
-            "weights; merge again from a ResiDualVisual of the changed model"
-        )
-
     def _lean(self, dtype, acc_dtype, device) -> LeanReadout:
-        return LeanReadout(self.head_A, self.head_scale, self.mlp_M, self.emb_M, self.v1, self.v2, self.c,
-                           self._add_output, self._head_weight)
+        b = self._buffers
+        return LeanReadout(b.get("head_A"), b.get("head_scale"), b.get("mlp_M"), b.get("emb_M"), b["v1"], b["v2"],
+                           b["c"], self._add_output, self._head_weight)
 
     def extra_repr(self) -> str:
-        shapes = {n: tuple(getattr(self, n).shape) for n in LeanReadout.TENSORS if getattr(self, n) is not None}
+        shapes = {n: tuple(t.shape) for n, t in self._buffers.items() if n in LeanReadout.TENSORS}
         return f"variant={self.info.get('variant')!r}, lean={shapes}"

@@ -70,3 +70,53 @@ def _storage_ptr(t: torch.Tensor) -> int:
         return t.untyped_storage().data_ptr()
     except (RuntimeError, NotImplementedError):
         return 0
+
+
+def reachable_storages(root: object) -> dict[int, int]:
+    """Every tensor storage reachable from ``root`` through attributes, containers and closures.
+
+    Returns ``{storage pointer: bytes}``. Walks the object graph with
+    :func:`gc.get_referents`, not into classes, modules or functions' globals, so
+    it counts what ``root`` keeps alive between calls (buffers, caches, specs),
+    not the library.
+    """
+    import gc
+    import types
+
+    skip = (type, types.ModuleType, types.FunctionType, types.BuiltinFunctionType, types.CodeType,
+            types.FrameType, types.MethodWrapperType, types.WrapperDescriptorType)
+    seen: set[int] = set()
+    out: dict[int, int] = {}
+    stack = [root]
+    while stack:
+        obj = stack.pop()
+        if id(obj) in seen or isinstance(obj, skip):
+            continue
+        seen.add(id(obj))
+        if isinstance(obj, torch.Tensor):
+            ptr = _storage_ptr(obj)
+            if ptr:
+                out[ptr] = obj.untyped_storage().nbytes()
+            grad = obj.grad if obj.is_leaf else None
+            if grad is not None:
+                stack.append(grad)
+            continue
+        if isinstance(obj, types.MethodType):
+            stack.append(obj.__self__)
+            continue
+        stack.extend(gc.get_referents(obj))
+    return out
+
+
+def persistent_extra_bytes(module: torch.nn.Module, base: torch.nn.Module) -> int:
+    """Bytes of tensor storage kept alive by ``module`` beyond what ``base`` (the plain model) holds."""
+    own = reachable_storages(base)
+    return sum(n for ptr, n in reachable_storages(module).items() if ptr not in own)
+
+
+def weight_bytes(module: torch.nn.Module) -> int:
+    """Bytes of a model's parameters and buffers (each storage once)."""
+    seen: dict[int, int] = {}
+    for t in list(module.parameters()) + list(module.buffers()):
+        seen[_storage_ptr(t)] = t.untyped_storage().nbytes()
+    return sum(seen.values())

@@ -178,19 +178,25 @@ class ResiDual(nn.Module):
         from the ablation's pass-through).
         """
         key = (dtype, self.means.device)
+        if torch.compiler.is_compiling():
+            # traced into the graph: a cache written here would hold graph outputs tied to autograd
+            return self._build_consts(dtype)
         if key not in self._consts_cache:
-            out = {"rest_mean": self._rest_mean().to(dtype) if self.ablation == "mean" else None}
-            sum_abl = 1.0 if self.ablation == "sum" else 0.0
-            for kind, g in self.groups.items():
-                item = {"const_unit": (g.const_sum / g.num_units).to(dtype)}
-                if g.scalar or self.padding - sum_abl:
-                    item["F"] = affine_maps(self.spec, kind)[0].to(device=g.zmean.device, dtype=dtype)
-                if not g.scalar:
-                    item.update(R=g.R.to(dtype), t=g.t.to(dtype), B=g.components.to(dtype),
-                                constant=self._group_constant(g).to(dtype))
-                out[kind] = item
-            self._consts_cache[key] = out
+            self._consts_cache[key] = self._build_consts(dtype)
         return self._consts_cache[key]
+
+    def _build_consts(self, dtype: torch.dtype) -> dict:
+        out = {"rest_mean": self._rest_mean().to(dtype) if self.ablation == "mean" else None}
+        sum_abl = 1.0 if self.ablation == "sum" else 0.0
+        for kind, g in self.groups.items():
+            item = {"const_unit": (g.const_sum / g.num_units).to(dtype)}
+            if g.scalar or self.padding - sum_abl:
+                item["F"] = affine_maps(self.spec, kind)[0].to(device=g.zmean.device, dtype=dtype)
+            if not g.scalar:
+                item.update(R=g.R.to(dtype), t=g.t.to(dtype), B=g.components.to(dtype),
+                            constant=self._group_constant(g).to(dtype))
+            out[kind] = item
+        return out
 
     # -- construction ---------------------------------------------------------
     @classmethod

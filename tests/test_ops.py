@@ -83,6 +83,19 @@ def test_opcheck():
     torch.library.opcheck(_spectral_reweight_op, (Z, R, t, lam, B, off, "torch"))
 
 
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_opcheck_backward_op(backend):
+    """The backward op's fake impl promises the real layout (inductor asserts it), also for a strided Z."""
+    from residual_fast.ops.spectral_reweight import _spectral_reweight_backward_op
+
+    Z, R, t, lam, B, off = make_inputs(9, [2, 4, 1], 6, 8, device="cpu")
+    grad = torch.randn(9, 8)
+    Zt = Z.transpose(0, 1).contiguous().transpose(0, 1)  # (n, U, q) with non-standard strides
+    for z in (Z, Zt):
+        torch.library.opcheck(_spectral_reweight_backward_op, (grad, z, R, t, lam, B, off, backend),
+                              test_utils=("test_schema", "test_faketensor"))
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_dtype_sweep_flash_attention_criterion(backend, dtype):

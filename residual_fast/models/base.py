@@ -145,24 +145,32 @@ class ReadoutSpec:
         }
 
     def weight_hashes(self) -> dict[str, str]:
-        """sha256 of every weight the readout depends on (float32 bytes)."""
+        """sha256 of every weight the readout depends on (float32 bytes; per-layer stacks hashed layer by layer,
+        the same digest as the stacked tensor without forming it)."""
+        def per_layer(name: str, fill: float):
+            for lr in self.layers:
+                t = getattr(lr, name)
+                yield t if t is not None else torch.full((self.width,), fill)
+
         named = {
-            "ln_weight": self.ln_weight,
-            "ln_bias": self.ln_bias,
-            "proj": self.proj,
-            "proj_bias": self.proj_bias,
-            "attn_out_weight": self.attn_out_weight,
-            "attn_out_bias": self.attn_out_bias,
-            "ls_attn": self.ls_attn,
-            "ls_mlp": self.ls_mlp,
+            "ln_weight": [self.ln_weight],
+            "ln_bias": [self.ln_bias],
+            "proj": None if self.proj is None else [self.proj],
+            "proj_bias": None if self.proj_bias is None else [self.proj_bias],
+            "attn_out_weight": (lr.out_weight for lr in self.layers),
+            "attn_out_bias": per_layer("out_bias", 0.0),
+            "ls_attn": per_layer("ls1", 1.0),
+            "ls_mlp": per_layer("ls2", 1.0),
         }
         out = {}
-        for name, t in named.items():
-            if t is None:
+        for name, parts in named.items():
+            if parts is None:
                 out[name] = "none"
                 continue
-            data = t.detach().to("cpu", torch.float32).contiguous().numpy().tobytes()
-            out[name] = hashlib.sha256(data).hexdigest()[:16]
+            h = hashlib.sha256()
+            for t in parts:
+                h.update(t.detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
+            out[name] = h.hexdigest()[:16]
         return out
 
     def fingerprint(self) -> dict:

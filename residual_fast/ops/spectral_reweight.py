@@ -164,13 +164,14 @@ def _spectral_reweight_backward_op(grad: torch.Tensor, Z: torch.Tensor, R: torch
                                    lam: torch.Tensor, B: torch.Tensor, offsets: torch.Tensor,
                                    backend: str) -> tuple[torch.Tensor, torch.Tensor]:
     backend = choose(backend, Z.device)
-    return _run_backward(grad.contiguous(), Z.contiguous(), R.contiguous(), t.contiguous(), lam.contiguous(),
-                         B.contiguous(), offsets.contiguous(), backend)
+    dz, dlam = _run_backward(grad.contiguous(), Z.contiguous(), R.contiguous(), t.contiguous(), lam.contiguous(),
+                             B.contiguous(), offsets.contiguous(), backend)
+    return dz.contiguous(), dlam.contiguous()  # the layout the fake promises, whatever the backend returns
 
 
 @_spectral_reweight_backward_op.register_fake
 def _(grad, Z, R, t, lam, B, offsets, backend):
-    return torch.empty_like(Z), torch.empty_like(lam)
+    return Z.new_empty(Z.shape), lam.new_empty(lam.shape)  # contiguous, as the real op returns
 
 
 def _setup_context(ctx, inputs, output):
