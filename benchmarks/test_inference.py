@@ -20,7 +20,7 @@ def _paths(model: str, variant: str, batch: int):
     return _CACHE[key]
 
 
-@pytest.mark.parametrize("path", ["plain", "fused", "eager"])
+@pytest.mark.parametrize("path", ["plain", "merged", "fused", "eager"])
 @pytest.mark.parametrize("variant", ["fine", "full"])
 @pytest.mark.parametrize("model", MODELS)
 def test_inference(benchmark, model, variant, path):

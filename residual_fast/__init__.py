@@ -2,7 +2,7 @@
 
 from ._version import __version__
 from .decompose import Decomposition, capture, decompose
-from .fused import ResiDualVisual
+from .fused import MergedResiDualVisual, ResiDualVisual
 from .loading import LoadedModel, load
 from .models import UnsupportedModelError, get_adapter
 from .residual import VARIANTS, ResiDual
@@ -14,6 +14,7 @@ __all__ = [
     "Activations",
     "Decomposition",
     "LoadedModel",
+    "MergedResiDualVisual",
     "ResiDual",
     "ResiDualVisual",
     "SpectralBases",

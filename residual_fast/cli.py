@@ -181,11 +181,13 @@ def cmd_bench(args) -> None:
     from .bench import measure
 
     torch.set_num_threads(args.threads)
-    print("| model | variant | batch | path | median time (s) | time / plain | peak MiB | peak / plain |")
-    print("|---|---|---|---|---|---|---|---|")
+    print("| model | variant | batch | path | median time (s) | time / plain | peak MiB | peak / plain "
+          "| at rest MiB | at rest / weights |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for r in measure(args.model, args.variant, args.batch, args.rounds, args.device):
         print(f"| {r['model']} | {r['variant']} | {r['batch']} | {r['path']} | {r['median_s']:.4f} | "
-              f"{r['time_ratio']:.3f}x | {r['peak_mib']:.2f} | {r['mem_ratio']:.3f}x |")
+              f"{r['time_ratio']:.3f}x | {r['peak_mib']:.2f} | {r['mem_ratio']:.3f}x | {r['at_rest_mib']:.2f} | "
+              f"{100 * r['at_rest_frac']:.3f}% |")
 
 
 def cmd_reproduce(args) -> None:

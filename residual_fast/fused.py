@@ -151,7 +151,8 @@ class ResiDualVisual(_AdaptedEncoder):
         if self._cache is not None:
             ckey, snap, lean = self._cache
             # by value: a .data edit leaves _version unchanged (one small device comparison)
-            if ckey == key and len(snap) == len(lams) and all(torch.equal(x, y) for x, y in zip(lams, snap, strict=True)):
+            same = len(snap) == len(lams) and all(torch.equal(x, y) for x, y in zip(lams, snap, strict=True))
+            if ckey == key and same:
                 return lean
         with torch.no_grad():
             lean = self._fold().cast(dtype, acc_dtype, device)

@@ -9,31 +9,15 @@ from conftest import images_for, randomize, small_visual
 from open_clip.transformer import VisionTransformer
 
 import residual_fast as rf
+from residual_fast.bench import full_rank_bases
 from residual_fast.models import get_adapter
 from residual_fast.ops import residual_reference
 from residual_fast.profiling import LiveBytes, persistent_extra_bytes, weight_bytes
-from residual_fast.spectral import UnitMoments
 from residual_fast.units import affine_maps
 
 
 def rel_err(a, b):
     return ((a - b).abs().max() / b.abs().max()).item()
-
-
-def full_rank_bases(visual, units=("head", "mlp"), count=5000, seed=0):
-    """Bases from moments with a full-rank covariance of every unit's small vector: the ranks real data gives
-    (every head at hd + 2 minus zero rows, every MLP at D), without streaming thousands of images on a CPU."""
-    spec = get_adapter(visual).spec()
-    m = UnitMoments(spec, units)
-    g = torch.Generator().manual_seed(seed)
-    for mom in m.moments.values():
-        U, q = mom.mean.shape
-        mom.count = count
-        mom.mean = torch.randn(U, q, generator=g, dtype=torch.float64)
-        if mom.m2 is not None:
-            G = torch.randn(U, q, q, generator=g, dtype=torch.float64)
-            mom.m2 = G @ G.transpose(1, 2) * (count - 1) / q
-    return m.bases()
 
 
 @pytest.fixture(scope="module")
@@ -64,7 +48,7 @@ def test_construction_is_bounded_at_full_rank():
     torch.manual_seed(0)
     v = randomize(VisionTransformer(image_size=32, patch_size=8, width=256, layers=4, heads=4, mlp_ratio=2.0,
                                     output_dim=192))
-    bases = full_rank_bases(v)
+    bases = full_rank_bases(v, ("head", "mlp"))
     with LiveBytes() as lb:
         adapter = rf.ResiDual.from_bases(bases, "full")
     own = sum(t.untyped_storage().nbytes() for t in list(adapter.parameters()) + list(adapter.buffers()))
@@ -81,9 +65,8 @@ def test_construction_is_bounded_at_full_rank():
 
 @pytest.mark.parametrize("name", ["ViT-B-16", "ViT-L-14"])
 def test_merged_extra_bytes_under_one_percent(name):
-    cfg = open_clip.get_model_config(name)
     torch.manual_seed(0)
-    v = open_clip.model._build_vision_tower(cfg["embed_dim"], cfg["vision_cfg"]).eval()
+    v = open_clip.create_model(name, pretrained=None).visual.eval()
     bases = full_rank_bases(v, units=("head",))
     weights = weight_bytes(v)
     for variant in ("coarse", "fine"):
