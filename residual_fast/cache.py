@@ -11,7 +11,6 @@ an interrupted build leaves only whole shards and resumes where it stopped.
 
 from __future__ import annotations
 
-import json
 import os
 import time
 from collections.abc import Iterable
@@ -19,7 +18,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 from tqdm.auto import tqdm
@@ -27,8 +25,25 @@ from tqdm.auto import tqdm
 from ._version import __version__
 from .decompose import capture, eval_mode
 from .models import fingerprint_mismatch, get_adapter
+from .serialization import (
+    CorruptFileError,
+    check_meta,
+    check_tensor,
+    is_bool,
+    is_dict,
+    is_float,
+    is_int,
+    is_str,
+    list_of,
+    load_tensors,
+    optional,
+    read_json,
+    safe_child,
+    sha256_file,
+    write_json_atomic,
+)
 from .spectral import SpectralBases, UnitMoments, _check_kinds
-from .units import Activations
+from .units import Activations, check_finite_batch
 
 FIELDS = ("emb", "attn", "mlp", "z", "output")
 MANIFEST = "manifest.json"
@@ -61,10 +76,7 @@ class CachedSplit:
         return CachedSplit(*(getattr(self, f)[index] for f in (*FIELDS, "labels")))
 
 
-def _write_json_atomic(path: Path, data: dict) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(data, indent=1))
-    os.replace(tmp, path)
+SHARD_SCHEMA = {"file": is_str, "n": is_int(1), "sha256": is_str}
 
 
 class ActivationCache:
@@ -75,9 +87,16 @@ class ActivationCache:
         manifest = self.path / MANIFEST
         if not manifest.is_file():
             raise FileNotFoundError(f"no activation cache at {self.path} (missing {MANIFEST})")
-        self.manifest = json.loads(manifest.read_text())
-        if self.manifest.get("kind") != "activation_cache":
-            raise ValueError(f"{manifest} is not an activation-cache manifest")
+        self.manifest = read_json(manifest, "cache manifest")
+        if not isinstance(self.manifest, dict) or self.manifest.get("kind") != "activation_cache":
+            raise CorruptFileError(f"{manifest} is not an activation-cache manifest")
+        where = f"cache manifest {manifest}"
+        check_meta(self.manifest, {"version": is_str, "fingerprint": is_dict, "complete": is_bool,
+                                   "seconds": is_float(0), "source": optional(is_dict),
+                                   "shards": list_of(is_dict)}, where)
+        for i, shard in enumerate(self.manifest["shards"]):
+            check_meta(shard, SHARD_SCHEMA, f"{where}, shard {i}")
+            safe_child(self.path, shard["file"], f"{where}, shard {i}")
 
     @property
     def complete(self) -> bool:
@@ -101,8 +120,20 @@ class ActivationCache:
             raise ValueError(f"the cache at {self.path} was written by another model: {why}")
 
     def shard_tensors(self, i: int) -> dict[str, torch.Tensor]:
-        with safe_open(str(self.path / self.manifest["shards"][i]["file"]), framework="pt") as f:
-            return {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 - safe_open has no __iter__
+        """Shard ``i``, its checksum, fields, shapes and finiteness verified."""
+        shard = self.manifest["shards"][i]
+        path = safe_child(self.path, shard["file"], f"cache {self.path}")
+        where = f"cache shard {path}"
+        if not path.is_file():
+            raise CorruptFileError(f"{where} is missing")
+        if sha256_file(path) != shard["sha256"]:
+            raise CorruptFileError(f"{where} does not match the checksum in the manifest (corrupt or tampered)")
+        t = load_tensors(path)
+        n = shard["n"]
+        for f in FIELDS:
+            check_tensor(t, f, where, (n,) + tuple(t[f].shape[1:]) if f in t else None)
+        check_tensor(t, "labels", where, (n,), floating=False)
+        return t
 
     def iter_shards(self) -> Iterable[tuple[Activations, torch.Tensor]]:
         for i in range(len(self.manifest["shards"])):
@@ -122,14 +153,27 @@ def _batch(batch) -> tuple[torch.Tensor, torch.Tensor]:
     raise TypeError("cache batches must be (images, labels) pairs, as a DataLoader over a labeled dataset yields")
 
 
+def source_difference(saved: dict | None, now: dict | None) -> str | None:
+    if saved == now:
+        return None
+    saved, now = saved or {}, now or {}
+    for key in sorted(set(saved) | set(now)):
+        if saved.get(key) != now.get(key):
+            return f"{key} was {saved.get(key)!r}, now {now.get(key)!r}"
+    return "the data source differs"
+
+
 @torch.no_grad()
 def build_cache(visual: nn.Module, batches: Iterable, path: str | os.PathLike, *, dtype: torch.dtype | None = None,
-                resume: bool = True, progress: bool = True) -> ActivationCache:
+                resume: bool = True, progress: bool = True, source: dict | None = None) -> ActivationCache:
     """One pass of ``visual`` over ``batches`` of ``(images, labels)``, written to the folder ``path``.
 
     The loader must yield the same batches in the same order on every run (no
-    shuffling) for a resumed build to be exact. ``dtype`` stores activations in
-    another precision (default: the model's).
+    shuffling) for a resumed build to be exact. ``source`` (JSON-able: dataset,
+    split, seed, image size, batch size, max images, preprocessing, ...) is
+    recorded, and an existing cache built from another source is refused, naming
+    the difference, instead of being resumed or returned. ``dtype`` stores
+    activations in another precision (default: the model's).
     """
     adapter = get_adapter(visual)
     spec = adapter.spec()
@@ -142,6 +186,9 @@ def build_cache(visual: nn.Module, batches: Iterable, path: str | os.PathLike, *
         why = fingerprint_mismatch(existing.manifest["fingerprint"], fingerprint)
         if why:
             raise ValueError(f"{folder} holds a cache of another model ({why}); use a new folder")
+        diff = source_difference(existing.manifest.get("source"), source)
+        if diff:
+            raise ValueError(f"{folder} holds a cache of other data or loader settings ({diff}); use a new folder")
         if existing.complete:
             return existing
         if not resume:
@@ -149,8 +196,8 @@ def build_cache(visual: nn.Module, batches: Iterable, path: str | os.PathLike, *
         manifest = existing.manifest
     else:
         manifest = {"kind": "activation_cache", "version": __version__, "fingerprint": fingerprint,
-                    "shards": [], "complete": False, "seconds": 0.0}
-        _write_json_atomic(manifest_path, manifest)
+                    "shards": [], "complete": False, "seconds": 0.0, "source": source}
+        write_json_atomic(manifest_path, manifest)
     done = len(manifest["shards"])
     device = next(adapter.visual.parameters()).device
     total = len(batches) if hasattr(batches, "__len__") else None
@@ -160,7 +207,11 @@ def build_cache(visual: nn.Module, batches: Iterable, path: str | os.PathLike, *
             if i < done:
                 continue  # written by an earlier, interrupted run
             images, labels = _batch(batch)
+            if labels.ndim != 1 or labels.shape[0] != images.shape[0]:
+                raise ValueError(f"batch {i}: {images.shape[0]} images but labels of shape {tuple(labels.shape)}; "
+                                 "every image needs one label")
             acts = capture(adapter, images.to(device, non_blocking=True))
+            check_finite_batch(acts, i, "caching")
             tensors = {"emb": acts.emb_raw, "attn": acts.attn_raw, "mlp": acts.mlp_raw, "z": acts.z,
                        "output": acts.output}
             tensors = {k: (v.to(dtype) if dtype else v).contiguous().cpu() for k, v in tensors.items()}
@@ -168,15 +219,16 @@ def build_cache(visual: nn.Module, batches: Iterable, path: str | os.PathLike, *
             name = f"shard-{i:06d}.safetensors"
             tmp = folder / (name + ".tmp")
             save_file(tensors, str(tmp))
+            digest = sha256_file(tmp)
             os.replace(tmp, folder / name)
-            manifest["shards"].append({"file": name, "n": int(labels.shape[0])})
+            manifest["shards"].append({"file": name, "n": int(labels.shape[0]), "sha256": digest})
             manifest["seconds"] = manifest.get("seconds", 0.0) + (time.perf_counter() - start)
             start = time.perf_counter()
-            _write_json_atomic(manifest_path, manifest)
+            write_json_atomic(manifest_path, manifest)
     if not manifest["shards"]:
         raise ValueError("no batches: the data to cache is empty")
     manifest["complete"] = True
-    _write_json_atomic(manifest_path, manifest)
+    write_json_atomic(manifest_path, manifest)
     return ActivationCache(folder)
 
 

@@ -26,10 +26,34 @@ import torch
 from ._version import __version__
 
 
+class UserError(Exception):
+    """A mistake in the command's arguments or inputs: one line on stderr, exit code 2."""
+
+
+def positive_int(text: str) -> int:
+    try:
+        v = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if v < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {v}")
+    return v
+
+
+def non_negative_int(text: str) -> int:
+    try:
+        v = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if v < 0:
+        raise argparse.ArgumentTypeError(f"must be at least 0, got {v}")
+    return v
+
+
 def _model_args(p: argparse.ArgumentParser, image_size_default: int | None = None) -> None:
     p.add_argument("--model", default="ViT-B-32", help="open_clip model name, optionally name/pretrained-tag")
     p.add_argument("--pretrained", default=None, help="open_clip pretrained tag (needs network); default random")
-    p.add_argument("--image-size", type=int, default=image_size_default,
+    p.add_argument("--image-size", type=positive_int, default=image_size_default,
                    help="input resolution override (random weights only)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
 
@@ -40,9 +64,9 @@ def _data_args(p: argparse.ArgumentParser) -> None:
                    help="val is carved from train; datasets without a test split are split 60/10/30")
     p.add_argument("--seed", type=int, default=0, help="seed of the splits")
     p.add_argument("--root", default=None, help="where datasets are (downloaded)")
-    p.add_argument("--batch-size", type=int, default=128)
-    p.add_argument("--workers", type=int, default=0)
-    p.add_argument("--max-images", type=int, default=None)
+    p.add_argument("--batch-size", type=positive_int, default=128)
+    p.add_argument("--workers", type=non_negative_int, default=0)
+    p.add_argument("--max-images", type=positive_int, default=None)
 
 
 def _load(args):
@@ -67,7 +91,24 @@ def _loader(args, preprocess):
                             num_workers=args.workers)
 
 
+def _source(args) -> dict:
+    """What a cache's rows depend on besides the model's weights (the preprocessing follows from the model
+    and the image size): refused on resume or reuse if any of it differs."""
+    dataset = args.dataset
+    if Path(dataset).is_dir():
+        dataset = str(Path(dataset).resolve())
+    return {"dataset": dataset, "split": args.split, "seed": args.seed, "image_size": args.image_size,
+            "batch_size": args.batch_size, "max_images": args.max_images, "model": args.model,
+            "pretrained": args.pretrained}
+
+
+def _prepare_out(path: str) -> None:
+    """Create the output folder first: a bad ``--out`` fails before any model is built."""
+    Path(path).mkdir(parents=True, exist_ok=True)
+
+
 def cmd_demo(args) -> None:
+    _prepare_out(args.out)
     from .pipeline import demo
 
     result = demo(args.out, model=args.model, pretrained=args.pretrained, image_size=args.image_size,
@@ -78,6 +119,7 @@ def cmd_demo(args) -> None:
 
 
 def cmd_calibrate(args) -> None:
+    _prepare_out(args.out)
     from .spectral import fit_bases
 
     model, preprocess, _ = _load(args)
@@ -88,11 +130,17 @@ def cmd_calibrate(args) -> None:
 
 
 def cmd_cache(args) -> None:
-    from .cache import build_cache
+    _prepare_out(args.out)
+    from .cache import MANIFEST, ActivationCache, build_cache, source_difference
 
+    source = _source(args)
+    if (Path(args.out) / MANIFEST).is_file():  # refuse other settings before building the model
+        diff = source_difference(ActivationCache(args.out).manifest.get("source"), source)
+        if diff:
+            raise UserError(f"{args.out} holds a cache of other data or loader settings ({diff}); use a new folder")
     model, preprocess, _ = _load(args)
     _, loader = _loader(args, preprocess)
-    cache = build_cache(model.visual, loader, args.out, progress=not args.no_progress)
+    cache = build_cache(model.visual, loader, args.out, progress=not args.no_progress, source=source)
     print(json.dumps({"out": args.out, "images": cache.num_images, "seconds": round(cache.seconds, 3)}))
 
 
@@ -105,13 +153,16 @@ def _save_head(head, folder: Path) -> None:
 
 def _load_head(folder: Path):
     from .classifiers import Classifier
-    from .serialization import load_bundle
+    from .serialization import check_meta, check_tensor, is_bool, is_float, load_bundle
 
     t, meta = load_bundle(folder / "head", "classifier")
-    return Classifier(t["weights"], meta["logit_scale"], meta["normalize"])
+    where = f"classifier at {folder / 'head'}"
+    check_meta(meta, {"logit_scale": is_float(0, open_lo=True), "normalize": is_bool}, where)
+    return Classifier(check_tensor(t, "weights", where, (None, None)), meta["logit_scale"], meta["normalize"])
 
 
 def cmd_fit(args) -> None:
+    _prepare_out(args.out)
     from safetensors.torch import save_file
 
     from .cache import ActivationCache, fit_bases_from_cache
@@ -150,19 +201,22 @@ def cmd_fit(args) -> None:
 
 
 def cmd_eval(args) -> None:
-    from safetensors.torch import load_file
-
     from .cache import ActivationCache
     from .residual import ResiDual
-    from .train import LinearAdapter, OutputSpectralAdapter, evaluate, method_forward
+    from .serialization import check_meta, is_str, load_bundle, load_tensors, one_of, read_json
+    from .train import METHODS, LinearAdapter, OutputSpectralAdapter, evaluate, method_forward
 
-    model, _, _ = _load(args)
     fit_dir = Path(args.fit)
-    meta = json.loads((fit_dir / "fit.json").read_text()) if (fit_dir / "fit.json").is_file() else None
-    if meta is None:
+    if not (fit_dir / "fit.json").is_file():
         raise FileNotFoundError(f"{fit_dir} has no fit.json: pass the folder written by `residual-fast fit`")
+    # every file is checked before the model is built
+    meta = read_json(fit_dir / "fit.json", "fit.json")
+    check_meta(meta, {"method": one_of(*METHODS), "model": is_str}, f"{fit_dir / 'fit.json'}")
+    if meta["method"] in ("coarse", "fine", "full"):
+        load_bundle(fit_dir / "adapter", "residual_adapter")
     head = _load_head(fit_dir)
     cache = ActivationCache(args.cache)
+    model, _, _ = _load(args)
     cache.check_model(model.visual)
     split = cache.load()
     method = meta["method"]
@@ -170,7 +224,7 @@ def cmd_eval(args) -> None:
     if method in ("coarse", "fine", "full"):
         module = ResiDual.load(fit_dir / "adapter", model.visual)
     elif method in ("linear", "spectral_output"):
-        state = load_file(str(fit_dir / "module.safetensors"))
+        state = load_tensors(fit_dir / "module.safetensors")
         module = LinearAdapter(split.output.shape[1]) if method == "linear" else OutputSpectralAdapter(split.output)
         module.load_state_dict(state)
     acc = evaluate(method_forward(method, module), split, head)
@@ -191,6 +245,7 @@ def cmd_bench(args) -> None:
 
 
 def cmd_reproduce(args) -> None:
+    _prepare_out(args.out)
     from .pipeline import reproduce
 
     rows = reproduce(args.models, args.datasets, args.methods, args.out, root=args.root, epochs=args.epochs,
@@ -203,9 +258,12 @@ def cmd_reproduce(args) -> None:
         print(f"| {r['model']} | {r['weights']} | {r['dataset']} | {r['method']} | "
               f"{r.get('trainable_parameters', '-')} | {acc} | {r.get('error', '')} |")
     print(f"results: {args.out}/results.json, results.csv")
+    if rows and all("error" in r for r in rows):
+        raise UserError(f"every run failed (errors in {args.out}/results.json)")
 
 
 def cmd_analyze(args) -> None:
+    _prepare_out(args.out)
     from .analysis.report import analyze
 
     analyze(args.model, args.datasets, args.out, root=args.root, max_images=args.max_images,
@@ -227,9 +285,9 @@ def build_parser() -> argparse.ArgumentParser:
     d = sub.add_parser("demo", help="offline demo: base vs ResiDual on sklearn digits, with a report folder")
     _model_args(d, image_size_default=64)
     d.add_argument("--variant", default="fine", choices=["coarse", "fine", "full"])
-    d.add_argument("--epochs", type=int, default=30)
+    d.add_argument("--epochs", type=positive_int, default=30)
     d.add_argument("--seed", type=int, default=0)
-    d.add_argument("--batch-size", type=int, default=128)
+    d.add_argument("--batch-size", type=positive_int, default=128)
     d.add_argument("--out", default="residual_fast_demo", help="report folder")
     d.set_defaults(func=cmd_demo)
 
@@ -255,7 +313,7 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--dataset", default="digits", help="class names / templates for --head zeroshot")
     f.add_argument("--root", default=None)
     f.add_argument("--bases", default=None, help="bases folder (default: fitted from the train cache)")
-    f.add_argument("--epochs", type=int, default=30)
+    f.add_argument("--epochs", type=positive_int, default=30)
     f.add_argument("--seed", type=int, default=0)
     f.add_argument("--out", required=True)
     f.set_defaults(func=cmd_fit)
@@ -269,9 +327,9 @@ def build_parser() -> argparse.ArgumentParser:
     b = sub.add_parser("bench", help="time plain forward vs ResiDualVisual vs the eager reference")
     b.add_argument("--model", default="small", help="'small' or an open_clip name (random weights)")
     b.add_argument("--variant", default="fine", choices=["coarse", "fine", "full"])
-    b.add_argument("--batch", type=int, default=8)
-    b.add_argument("--rounds", type=int, default=5)
-    b.add_argument("--threads", type=int, default=2)
+    b.add_argument("--batch", type=positive_int, default=8)
+    b.add_argument("--rounds", type=positive_int, default=5)
+    b.add_argument("--threads", type=positive_int, default=2)
     b.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     b.set_defaults(func=cmd_bench)
 
@@ -285,11 +343,11 @@ def build_parser() -> argparse.ArgumentParser:
                                                       "resisc45", "stanford_cars", "sun397", "svhn"])
     r.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
     r.add_argument("--root", default=None)
-    r.add_argument("--epochs", type=int, default=30)
+    r.add_argument("--epochs", type=positive_int, default=30)
     r.add_argument("--seed", type=int, default=0)
-    r.add_argument("--batch-size", type=int, default=128)
-    r.add_argument("--workers", type=int, default=0)
-    r.add_argument("--max-images", type=int, default=None, help="cap per split (quick runs)")
+    r.add_argument("--batch-size", type=positive_int, default=128)
+    r.add_argument("--workers", type=non_negative_int, default=0)
+    r.add_argument("--max-images", type=positive_int, default=None, help="cap per split (quick runs)")
     r.add_argument("--out", default="residual_fast_results")
     r.set_defaults(func=cmd_reproduce)
 
@@ -297,14 +355,15 @@ def build_parser() -> argparse.ArgumentParser:
                                        "similarity: a report folder")
     a.add_argument("--model", default="ViT-B-32", help="open_clip name or rf.load name (hf:..., timm:...)")
     a.add_argument("--pretrained", action="store_true", help="load pretrained weights (needs network)")
-    a.add_argument("--image-size", type=int, default=None, help="resolution override (random open_clip weights)")
+    a.add_argument("--image-size", type=positive_int, default=None,
+                   help="resolution override (random open_clip weights)")
     a.add_argument("--datasets", nargs="+", default=["digits"])
     a.add_argument("--root", default=None)
-    a.add_argument("--max-images", type=int, default=512, help="cap per split")
-    a.add_argument("--twonn-samples", type=int, default=300)
+    a.add_argument("--max-images", type=positive_int, default=512, help="cap per split")
+    a.add_argument("--twonn-samples", type=positive_int, default=300)
     a.add_argument("--id-threshold", type=float, default=0.99, help="cumulative EVR for the linear ID")
     a.add_argument("--seed", type=int, default=0)
-    a.add_argument("--batch-size", type=int, default=128)
+    a.add_argument("--batch-size", type=positive_int, default=128)
     a.add_argument("--out", default="residual_fast_analysis")
     a.set_defaults(func=cmd_analyze)
 
@@ -313,13 +372,37 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+USER_ERRORS = (UserError, ValueError, TypeError, KeyError, RuntimeError, OSError, ModuleNotFoundError,
+               FloatingPointError)
+
+
 def main(argv: list[str] | None = None) -> int:
+    """Run the command line; user errors print one line and return 2, internal failures 1.
+
+    ``RESIDUAL_FAST_DEBUG=1`` re-raises instead (for the traceback).
+    """
+    import os
+
     args = build_parser().parse_args(argv)
     try:
         args.func(args)
-    except (ValueError, FileNotFoundError, RuntimeError, ModuleNotFoundError, KeyError, TypeError) as e:
-        print(f"residual-fast {args.command}: error: {e}", file=sys.stderr)
+    except KeyboardInterrupt:
+        print(f"residual-fast {args.command}: interrupted", file=sys.stderr)
+        return 130
+    except USER_ERRORS as e:
+        if os.environ.get("RESIDUAL_FAST_DEBUG") == "1":
+            raise
+        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        if isinstance(e, OSError) and e.filename is not None and str(e.filename) not in msg:
+            msg = f"{msg}: {e.filename}"
+        print(f"residual-fast {args.command}: error: {msg}", file=sys.stderr)
         return 2
+    except Exception as e:  # noqa: BLE001 - anything else is our bug: one line, exit 1
+        if os.environ.get("RESIDUAL_FAST_DEBUG") == "1":
+            raise
+        print(f"residual-fast {args.command}: internal error ({type(e).__name__}: {e}); rerun with "
+              "RESIDUAL_FAST_DEBUG=1 for the traceback", file=sys.stderr)
+        return 1
     return 0
 
 

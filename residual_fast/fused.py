@@ -53,7 +53,7 @@ class _AdaptedEncoder(nn.Module):
         self._walker = model_adapter
         spec = model_adapter.spec()
         self._num_heads = spec.num_heads
-        self._fingerprint = spec.fingerprint()
+        self._fingerprint = spec.fingerprint(readout_only=True)
         self._seen = self._weights_state()
 
     def __getattr__(self, name: str):
@@ -76,7 +76,7 @@ class _AdaptedEncoder(nn.Module):
         walker = get_adapter(self.wrapped_visual)  # re-read the modules: a cast swaps parameter data
         if len(state) != len(self._seen) or any(a[:2] != b[:2] for a, b in zip(self._seen, state, strict=True)):
             # written in place (load_state_dict, an optimizer step, p.copy_): do the maps still hold?
-            why = fingerprint_mismatch(self._fingerprint, walker.spec().fingerprint())
+            why = fingerprint_mismatch(self._fingerprint, walker.spec().fingerprint(readout_only=True))
             if why:
                 raise RuntimeError(
                     f"the wrapped model's readout weights changed after wrapping ({why}); the adapter's maps were "

@@ -201,6 +201,7 @@ def reproduce(models: list[str], datasets: list[str], methods: list[str], out: s
         except Exception as e:  # noqa: BLE001
             rows.append({"model": name, "weights": tag or "random", "dataset": "-", "method": "-",
                          "error": str(e)})
+            write_results(rows, out)
             continue
         for dname in datasets:
             info = {"model": name, "weights": tag or "random", "dataset": dname}
@@ -226,4 +227,5 @@ def reproduce(models: list[str], datasets: list[str], methods: list[str], out: s
             except Exception as e:  # noqa: BLE001 - keep going through the grid
                 rows.append({**info, "method": "-", "error": f"{type(e).__name__}: {e}"})
             write_results(rows, out)
+    write_results(rows, out)  # also when nothing ran: the printed path always exists
     return rows

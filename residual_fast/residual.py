@@ -12,7 +12,19 @@ from ._version import __version__
 from .models import UNIT_KINDS, ReadoutSpec, fingerprint_mismatch, get_adapter
 from .ops import spectral_reweight
 from .ops.spectral_reweight import packed_index
-from .serialization import load_bundle, save_bundle
+from .serialization import (
+    CorruptFileError,
+    check_meta,
+    check_tensor,
+    is_bool,
+    is_dict,
+    is_int,
+    is_str,
+    list_of,
+    load_bundle,
+    one_of,
+    save_bundle,
+)
 from .spectral import SpectralBases, _check_kinds
 from .units import Activations, UnitTable, affine_maps
 
@@ -143,7 +155,7 @@ class ResiDual(nn.Module):
     """
 
     def __init__(self, spec: ReadoutSpec, groups: dict[str, UnitGroup], means: torch.Tensor, *, variant: str,
-                 padding: int, ablation: str, add_means: bool, init: str, seed: int):
+                 padding: int, ablation: str, add_means: bool, init: str, seed: int, fingerprint: dict | None = None):
         super().__init__()
         self.table = UnitTable(spec.num_layers, spec.num_heads)
         self.groups = nn.ModuleDict(groups)
@@ -154,7 +166,7 @@ class ResiDual(nn.Module):
         self.add_means = bool(add_means)
         self.init = init
         self.seed = seed
-        self.fingerprint = spec.fingerprint()
+        self.fingerprint = fingerprint if fingerprint is not None else spec.fingerprint()
         self.out_dim = spec.out_dim
         self.backend = "auto"  # spectral_reweight implementation (see residual_fast.ops.backends)
         self._bind(spec)
@@ -243,6 +255,9 @@ class ResiDual(nn.Module):
             raise ValueError(f"ablation must be one of {ABLATIONS}, got {cfg['ablation']!r}")
         if init not in INITS:
             raise ValueError(f"init must be one of {INITS}, got {init!r}")
+        if cfg["scalar"] and (k is not None or evr_threshold is not None):
+            raise ValueError(f"the {variant!r} variant has one scalar per unit and no components: k and "
+                             "evr_threshold do not apply")
         if cfg["scalar"] and init == "eigen":
             raise ValueError("init='eigen' needs PCA components; the coarse variant has none")
         if cfg["scalar"] and add_means:
@@ -276,7 +291,7 @@ class ResiDual(nn.Module):
             lam = _init_lambda(init, packed_eig, gen)
             groups[kind] = UnitGroup(kind, False, packed, offsets, bases.zmean(kind).clone(), packed_eig, lam)
         return cls(spec, groups, bases.means.clone(), variant=variant, padding=cfg["padding"],
-                   ablation=cfg["ablation"], add_means=add_means, init=init, seed=seed)
+                   ablation=cfg["ablation"], add_means=add_means, init=init, seed=seed, fingerprint=bases.fingerprint)
 
     # -- introspection ----------------------------------------------------------
     @property
@@ -366,20 +381,53 @@ class ResiDual(nn.Module):
 
     @classmethod
     def load(cls, path: str | os.PathLike, visual: nn.Module) -> ResiDual:
-        """Load an adapter saved with :meth:`save` onto ``visual`` (the model it was fitted on)."""
+        """Load an adapter saved with :meth:`save` onto ``visual`` (the model it was fitted on).
+
+        The file is untrusted: its checksum, metadata (schema, allowed values,
+        consistency with the tensors) and tensors (shapes, finiteness) are checked,
+        and so is the model's fingerprint; any problem is one clear error.
+        """
         tensors, meta = load_bundle(path, "residual_adapter")
+        where = f"adapter at {path}"
+        check_meta(meta, {
+            "version": is_str, "variant": one_of(*VARIANTS),
+            "units": list_of(one_of(*UNIT_KINDS), non_empty=True, unique=True),
+            "scalar": is_dict, "k": is_dict, "padding": one_of(0, 1), "ablation": one_of(*ABLATIONS),
+            "add_means": is_bool, "init": one_of(*INITS), "seed": is_int(), "num_parameters": is_int(0),
+            "fingerprint": is_dict,
+        }, where)
         spec = get_adapter(visual).spec()
         why = fingerprint_mismatch(meta["fingerprint"], spec.fingerprint())
         if why:
             raise ValueError(f"the adapter at {path} was fitted on another model: {why}")
+        table = UnitTable(spec.num_layers, spec.num_heads)
+        D = spec.out_dim
+        means = check_tensor(tensors, "means", where, (len(table), D), floating=True)
         groups = {}
         for kind in meta["units"]:
-            if kind not in UNIT_KINDS:
-                raise ValueError(f"corrupt adapter metadata: unit kind {kind!r}")
-            groups[kind] = UnitGroup(kind, bool(meta["scalar"][kind]), tensors[f"{kind}.components"],
-                                     tensors[f"{kind}.offsets"], tensors[f"{kind}.zmean"],
-                                     tensors[f"{kind}.eigenvalues"], tensors[f"{kind}.lambda"])
-        out = cls(spec, groups, tensors["means"], variant=meta["variant"], padding=meta["padding"],
+            scalar = meta["scalar"].get(kind)
+            if not isinstance(scalar, bool):
+                raise CorruptFileError(f"{where}: 'scalar' must map {kind!r} to true or false")
+            U, q = table.count(kind), spec.raw_dim(kind) + 2
+            ks = meta["k"].get(kind)
+            why = list_of(is_int(1 if scalar else 0, 1 if scalar else min(q, D)))(ks)
+            if why or len(ks) != U:
+                raise CorruptFileError(f"{where}: 'k' of {kind!r} must list {U} component counts ({why or ks!r})")
+            K = sum(ks)
+            offsets = check_tensor(tensors, f"{kind}.offsets", where, (U + 1,), floating=False)
+            if offsets[0].item() != 0 or (offsets[1:] - offsets[:-1]).tolist() != ks:
+                raise CorruptFileError(f"{where}: {kind}.offsets disagree with the recorded 'k'")
+            nc = 0 if scalar else K
+            comps = check_tensor(tensors, f"{kind}.components", where, (nc, D))
+            zmean = check_tensor(tensors, f"{kind}.zmean", where, (U, q))
+            eig = check_tensor(tensors, f"{kind}.eigenvalues", where, (nc,))
+            lam = check_tensor(tensors, f"{kind}.lambda", where, (K,))
+            groups[kind] = UnitGroup(kind, scalar, comps, offsets, zmean, eig, lam)
+        if meta["num_parameters"] != sum(g.lam.numel() for g in groups.values()):
+            raise CorruptFileError(f"{where}: 'num_parameters' disagrees with the stored lambdas")
+        if meta["add_means"] and any(g.scalar for g in groups.values()):
+            raise CorruptFileError(f"{where}: 'add_means' applies to PCA variants only")
+        out = cls(spec, groups, means, variant=meta["variant"], padding=meta["padding"],
                   ablation=meta["ablation"], add_means=meta["add_means"], init=meta["init"], seed=meta["seed"])
         return out.to(spec.ln_weight.device)
 

@@ -21,8 +21,20 @@ from tqdm.auto import tqdm
 from ._version import __version__
 from .decompose import capture, eval_mode
 from .models import UNIT_KINDS, ReadoutSpec, fingerprint_mismatch, get_adapter
-from .serialization import load_bundle, save_bundle
-from .units import Activations, UnitTable, affine_maps
+from .serialization import (
+    CorruptFileError,
+    check_meta,
+    check_tensor,
+    is_dict,
+    is_float,
+    is_int,
+    is_str,
+    list_of,
+    load_bundle,
+    one_of,
+    save_bundle,
+)
+from .units import Activations, UnitTable, affine_maps, check_finite_batch
 
 
 class StreamingMoments:
@@ -105,6 +117,7 @@ class UnitMoments:
 
     def bases(self, rtol: float = 1e-10) -> SpectralBases:
         """Per-unit PCA of the output-space contributions from the accumulated moments."""
+        check_rtol(rtol)
         if self.count == 0:
             raise ValueError("no images were seen: the calibration data is empty")
         if self.count < 2:
@@ -119,7 +132,7 @@ class UnitMoments:
             if kind in self.units:
                 pca[kind] = _pca_from_moments(F, self.moments[kind].covariance(), rtol)
                 pca[kind]["zmean"] = zbar.cpu()
-        return SpectralBases(self.spec, self.units, means, pca, self.count, rtol)
+        return SpectralBases(self.spec, self.units, means, pca, self.count, rtol, fingerprint=self.fingerprint)
 
     def save(self, path: str | os.PathLike) -> None:
         tensors = {}
@@ -139,17 +152,27 @@ class UnitMoments:
     @classmethod
     def load(cls, path: str | os.PathLike, visual: nn.Module) -> UnitMoments:
         tensors, meta = load_bundle(path, "unit_moments")
+        where = f"moments at {path}"
+        check_meta(meta, {"version": is_str, "units": list_of(one_of(*UNIT_KINDS), non_empty=True, unique=True),
+                          "count": is_int(0), "fingerprint": is_dict}, where)
         spec = get_adapter(visual).spec()
         why = fingerprint_mismatch(meta["fingerprint"], spec.fingerprint())
         if why:
             raise ValueError(f"moments at {path} were accumulated on another model: {why}")
         out = cls(spec, meta["units"])
         for kind, mom in out.moments.items():
+            U, q = mom.mean.shape
             mom.count = int(meta["count"])
-            mom.mean = tensors[f"{kind}.mean"].to(torch.float64)
+            mom.mean = check_tensor(tensors, f"{kind}.mean", where, (U, q)).to(torch.float64)
             if mom.m2 is not None:
-                mom.m2 = tensors[f"{kind}.m2"].to(torch.float64)
+                mom.m2 = check_tensor(tensors, f"{kind}.m2", where, (U, q, q)).to(torch.float64)
         return out
+
+
+def check_rtol(rtol: float) -> None:
+    if isinstance(rtol, bool) or not isinstance(rtol, (int, float)) or not 0.0 < rtol < 1.0:
+        raise ValueError(f"rtol must be a number in (0, 1) (components below rtol x the largest variance are "
+                         f"dropped), got {rtol!r}")
 
 
 def _check_kinds(units: Sequence[str] | str) -> tuple[str, ...]:
@@ -200,7 +223,8 @@ class SpectralBases:
     """
 
     def __init__(self, spec: ReadoutSpec, units: tuple[str, ...], means: torch.Tensor,
-                 pca: dict[str, dict[str, torch.Tensor]], num_samples: int, rtol: float):
+                 pca: dict[str, dict[str, torch.Tensor]], num_samples: int, rtol: float,
+                 fingerprint: dict | None = None):
         self.spec = spec
         self.units = units
         self.table = UnitTable(spec.num_layers, spec.num_heads)
@@ -208,7 +232,7 @@ class SpectralBases:
         self.pca = pca
         self.num_samples = num_samples
         self.rtol = rtol
-        self.fingerprint = spec.fingerprint()
+        self.fingerprint = fingerprint if fingerprint is not None else spec.fingerprint()
 
     def _kind(self, kind: str) -> dict[str, torch.Tensor]:
         if kind not in self.pca:
@@ -269,13 +293,35 @@ class SpectralBases:
     @classmethod
     def load(cls, path: str | os.PathLike, visual: nn.Module) -> SpectralBases:
         tensors, meta = load_bundle(path, "spectral_bases")
+        where = f"bases at {path}"
+        check_meta(meta, {"version": is_str, "units": list_of(one_of(*UNIT_KINDS), non_empty=True, unique=True),
+                          "num_samples": is_int(2), "rtol": is_float(0, 1, open_lo=True, open_hi=True),
+                          "fingerprint": is_dict}, where)
         spec = get_adapter(visual).spec()
         why = fingerprint_mismatch(meta["fingerprint"], spec.fingerprint())
         if why:
             raise ValueError(f"bases at {path} were fitted on another model: {why}")
-        pca = {k: {n: tensors[f"{k}.{n}"] for n in ("components", "eigenvalues", "rank", "total_variance", "zmean")}
-               for k in meta["units"]}
-        return cls(spec, tuple(meta["units"]), tensors["means"], pca, int(meta["num_samples"]), float(meta["rtol"]))
+        table = UnitTable(spec.num_layers, spec.num_heads)
+        D = spec.out_dim
+        means = check_tensor(tensors, "means", where, (len(table), D))
+        pca = {}
+        for kind in UNIT_KINDS:
+            if kind not in meta["units"]:
+                continue
+            U, q = table.count(kind), spec.raw_dim(kind) + 2
+            comps = check_tensor(tensors, f"{kind}.components", where, (U, None, D))
+            kmax = comps.shape[1]
+            if kmax > min(q, D):
+                raise CorruptFileError(f"{where}: {kind} has {kmax} components, more than its rank bound")
+            rank = check_tensor(tensors, f"{kind}.rank", where, (U,), floating=False)
+            if bool((rank < 0).any() or (rank > kmax).any()):
+                raise CorruptFileError(f"{where}: {kind}.rank outside [0, {kmax}]")
+            pca[kind] = {"components": comps, "eigenvalues": check_tensor(tensors, f"{kind}.eigenvalues", where,
+                                                                           (U, kmax)),
+                         "rank": rank, "total_variance": check_tensor(tensors, f"{kind}.total_variance", where, (U,)),
+                         "zmean": check_tensor(tensors, f"{kind}.zmean", where, (U, q))}
+        return cls(spec, tuple(k for k in UNIT_KINDS if k in meta["units"]), means, pca, int(meta["num_samples"]),
+                   float(meta["rtol"]))
 
 
 def _images_of(batch: Any) -> torch.Tensor:
@@ -316,7 +362,9 @@ def accumulate_moments(visual: nn.Module, batches: Iterable, units: Sequence[str
             if max_batches is not None and i >= max_batches:
                 break
             images = _images_of(batch).to(device, non_blocking=True)
-            moments.update(capture(adapter, images))
+            acts = capture(adapter, images)
+            check_finite_batch(acts, i, "calibration")
+            moments.update(acts)
             bar.set_postfix(images=moments.count)
     return moments
 
@@ -337,4 +385,5 @@ def fit_bases(visual: nn.Module, batches: Iterable, units: Sequence[str] = ("hea
         max_batches: stop after this many batches.
     """
     units = _check_kinds(units)
+    check_rtol(rtol)
     return accumulate_moments(visual, batches, units, progress=progress, max_batches=max_batches).bases(rtol)

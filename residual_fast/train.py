@@ -105,6 +105,8 @@ def fit(module: nn.Module, forward: Callable, train: CachedSplit, val: CachedSpl
 
     if len(train) == 0 or len(val) == 0:
         raise ValueError("train and validation splits must be non-empty")
+    check_finite_split(train, "train")
+    check_finite_split(val, "validation")
     torch.manual_seed(seed)
     gen = torch.Generator().manual_seed(seed)
     params = [p for p in module.parameters() if p.requires_grad]
@@ -124,6 +126,9 @@ def fit(module: nn.Module, forward: Callable, train: CachedSplit, val: CachedSpl
         for idx in torch.randperm(len(train), generator=gen).split(batch_size):
             logits = head(forward(train, idx))
             loss = F.cross_entropy(logits, train.labels[idx].to(logits.device))
+            if not bool(torch.isfinite(loss)):
+                raise FloatingPointError(f"{method or 'training'}: the loss became {loss.item()} at epoch {epoch}; "
+                                         "lower the learning rate or check the inputs")
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -145,6 +150,17 @@ def fit(module: nn.Module, forward: Callable, train: CachedSplit, val: CachedSpl
     module.eval()
     n_params = sum(p.numel() for p in params)
     return FitResult(method, n_params, best_epoch, best_acc, time.perf_counter() - start, history)
+
+
+def check_finite_split(split: CachedSplit, name: str) -> None:
+    """Raise naming the images of a cached split whose activations hold NaN or Inf."""
+    bad = torch.zeros(len(split), dtype=torch.bool)
+    for t in (split.emb, split.attn, split.mlp, split.z, split.output):
+        bad |= ~torch.isfinite(t.reshape(len(split), -1)).all(1).cpu()
+    if bool(bad.any()):
+        idx = bad.nonzero().flatten().tolist()
+        raise ValueError(f"the {name} split has non-finite activations at image(s) {idx[:10]} "
+                         f"({len(idx)} in all): rebuild its cache from finite images")
 
 
 METHODS = ("zeroshot", "linear", "spectral_output", "coarse", "fine", "full")

@@ -139,6 +139,15 @@ class Activations:
         return torch.cat([r * inv, extra], dim=-1)
 
 
+def check_finite_batch(acts: Activations, i: int, what: str) -> None:
+    """Raise naming the batch and the images whose activations hold NaN or Inf."""
+    bad = ~torch.isfinite(acts.z).all(1) | ~torch.isfinite(acts.output).all(1)
+    if bool(bad.any()):
+        idx = bad.nonzero().flatten().tolist()
+        raise ValueError(f"{what}: batch {i}, image(s) {idx[:10]} give non-finite activations (NaN or Inf in the "
+                         "input images or the model's weights)")
+
+
 def affine_maps(spec: ReadoutSpec, kind: str, dtype: torch.dtype = torch.float64,
                 layers: range | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """``F`` (U, raw_dim + 2, D) and ``const`` (U, D) with ``o_u = z_u @ F_u + const_u``.

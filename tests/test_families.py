@@ -1,8 +1,8 @@
 """HF transformers (CLIP, BLIP, DINOv2, ViT) and timm ViTs: the same exactness as open_clip.
 
 Every family at small random-init configs: the decomposition sums to the model's
-own output; streamed bases equal brute-force float64 PCA; ResiDualVisual equals
-the eager reference for every variant; save/load refuses a different model.
+own output; streamed bases equal brute-force float64 PCA; ResiDualVisual and its
+merged form equal the eager reference for every variant; save/load refuses a different model.
 """
 
 import pytest
@@ -120,9 +120,12 @@ def test_adapted_encoder_equals_eager_reference(name):
         adapter = rf.ResiDual.from_bases(bases, variant)
         ref = residual_reference(adapter, dec.contributions, dec.output)
         with torch.no_grad():
-            fused = rf.ResiDualVisual(model, adapter)(x)
+            wrapped = rf.ResiDualVisual(model, adapter)
+            fused = wrapped(x)
+            merged = wrapped.merge()(x)
             fac = adapter(dec.activations)
         assert rel_err(fused, ref) < 1e-5
+        assert rel_err(merged, ref) < 1e-5
         assert rel_err(fac, ref) < 1e-5
     identity = rf.ResiDual.from_bases(bases, "full", init="ones", add_means=True)
     with torch.no_grad():

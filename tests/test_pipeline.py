@@ -259,6 +259,18 @@ def test_cli_cache_fit_eval(tmp_path, capsys):
                      str(tmp_path / "val")]) == 0
     result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert result["method"] == "fine" and 0 <= result["accuracy"] <= 1
+    # tampered files: one line on stderr, exit 2, before any model is built
+    fit_json = tmp_path / "fit" / "fit.json"
+    meta = json.loads(fit_json.read_text())
+    fit_json.write_text(json.dumps({**meta, "method": "magic"}))
+    ev = ["eval", "--image-size", "32", "--fit", str(tmp_path / "fit"), "--cache", str(tmp_path / "val")]
+    assert cli_main(ev) == 2
+    assert "'method' must be one of" in capsys.readouterr().err
+    fit_json.write_text(json.dumps(meta))
+    (tmp_path / "fit" / "adapter" / "tensors.safetensors").write_bytes(b"\x00garbage")
+    assert cli_main(ev) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "checksum" in err[0]
 
 
 def test_reproduce_grid_offline_records_failures(tmp_path):

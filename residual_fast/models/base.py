@@ -15,7 +15,7 @@ is written against these two objects only.
 
 from __future__ import annotations
 
-import hashlib
+import weakref
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -79,9 +79,12 @@ class ReadoutSpec:
     proj_bias: torch.Tensor | None  # (D,) or None
     layers: list[LayerReadout]
     extra: dict = field(default_factory=dict)
+    # the model's named tensors, for the fingerprint: a weak reference, so a spec never keeps a model alive
+    source: object | None = field(default=None, repr=False, compare=False)
 
     @classmethod
-    def from_readout(cls, family: str, pool: str, num_heads: int, live: LiveReadout) -> ReadoutSpec:
+    def from_readout(cls, family: str, pool: str, num_heads: int, live: LiveReadout,
+                     source: VisualAdapter | None = None) -> ReadoutSpec:
         w = live.layers[0].out_weight.shape[0]
         ref = live.layers[0].out_weight
 
@@ -95,6 +98,7 @@ class ReadoutSpec:
             out_dim=live.proj.shape[1] if live.proj is not None else w, pool=pool, ln_weight=ln_w, ln_bias=ln_b,
             ln_eps=float(live.ln_eps), proj=det(live.proj), proj_bias=det(live.proj_bias),
             layers=[LayerReadout(l.out_weight.detach(), det(l.out_bias), det(l.ls1), det(l.ls2)) for l in live.layers],
+            source=None if source is None else _AdapterRef(source),
         )
 
     def _stack(self, name: str, fill: float) -> torch.Tensor:
@@ -144,50 +148,122 @@ class ReadoutSpec:
             "has_proj_bias": self.proj_bias is not None,
         }
 
-    def weight_hashes(self) -> dict[str, str]:
-        """sha256 of every weight the readout depends on (float32 bytes; per-layer stacks hashed layer by layer,
-        the same digest as the stacked tensor without forming it)."""
-        def per_layer(name: str, fill: float):
-            for lr in self.layers:
+    def readout_tensors(self) -> dict[str, torch.Tensor]:
+        """The tensors the readout depends on, by name."""
+        out = {"ln_weight": self.ln_weight, "ln_bias": self.ln_bias}
+        if self.proj is not None:
+            out["proj"] = self.proj
+        if self.proj_bias is not None:
+            out["proj_bias"] = self.proj_bias
+        for i, lr in enumerate(self.layers):
+            for name in ("out_weight", "out_bias", "ls1", "ls2"):
                 t = getattr(lr, name)
-                yield t if t is not None else torch.full((self.width,), fill)
-
-        named = {
-            "ln_weight": [self.ln_weight],
-            "ln_bias": [self.ln_bias],
-            "proj": None if self.proj is None else [self.proj],
-            "proj_bias": None if self.proj_bias is None else [self.proj_bias],
-            "attn_out_weight": (lr.out_weight for lr in self.layers),
-            "attn_out_bias": per_layer("out_bias", 0.0),
-            "ls_attn": per_layer("ls1", 1.0),
-            "ls_mlp": per_layer("ls2", 1.0),
-        }
-        out = {}
-        for name, parts in named.items():
-            if parts is None:
-                out[name] = "none"
-                continue
-            h = hashlib.sha256()
-            for t in parts:
-                h.update(t.detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
-            out[name] = h.hexdigest()[:16]
+                if t is not None:
+                    out[f"layers.{i}.{name}"] = t
         return out
 
-    def fingerprint(self) -> dict:
-        return {"dims": self.dims(), "weights": self.weight_hashes()}
+    def fingerprint(self, readout_only: bool = False) -> dict:
+        """Dimensions and a per-tensor sketch of every weight of the vision tower (or of the readout only).
+
+        Sketches (:func:`tensor_sketch`) are compared at a tolerance far above a
+        dtype cast's rounding and far below any real change of the weights, so the
+        same model in fp32, fp16 or bf16, on any device, has one fingerprint.
+        """
+        if readout_only:
+            named = self.readout_tensors()
+        else:
+            if self.source is None or self.source() is None:
+                raise RuntimeError("this spec is no longer attached to its model; call get_adapter(visual).spec()")
+            named = dict(self.source().named_tensors())
+        return {"dims": self.dims(), "sketch": SKETCH_VERSION,
+                "tensors": {name: tensor_sketch(t) for name, t in named.items()}}
+
+
+
+
+class _AdapterRef:
+    """A weak handle on a model: re-creates its family adapter on demand, never keeps the model alive."""
+
+    def __init__(self, adapter: VisualAdapter):
+        self.cls = type(adapter)
+        self.ref = weakref.ref(adapter.visual)
+
+    def __call__(self) -> VisualAdapter | None:
+        visual = self.ref()
+        return None if visual is None else self.cls(visual)
+
+
+SKETCH_VERSION = 1
+_SKETCH_PERIODS = (64, 61)  # coprime: a permutation of blocks changes the second family of sketches
+_SKETCH_TOL = 2e-2
+
+
+def _signs(period: int, device) -> torch.Tensor:
+    g = torch.Generator().manual_seed(1000 + period)
+    return (torch.randint(0, 2, (period, 3), generator=g) * 2 - 1).to(device=device, dtype=torch.float32)
+
+
+@torch.no_grad()
+def tensor_sketch(t: torch.Tensor) -> list[float]:
+    """``[numel, sum, sum of squares, 6 signed sums]`` of a tensor's values, accumulated in float64.
+
+    A dtype cast perturbs each signed sum by about ``2^-9 sqrt(sum sq)`` (bf16); a
+    different tensor by about ``sqrt(2 sum sq)``: :func:`sketch_mismatch` compares at
+    ``2e-2 sqrt(sum sq)``.
+    """
+    x = t.detach().reshape(-1)
+    if not x.is_floating_point():
+        x = x.double()
+    x = x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
+    out = [float(x.numel()), float(x.sum(dtype=torch.float64)), float((x.double() ** 2).sum())]
+    for period in _SKETCH_PERIODS:
+        n = (x.numel() // period) * period
+        signs = _signs(period, x.device).to(x.dtype)
+        body = (x[:n].view(-1, period).sum(0) if n else x.new_zeros(period)) @ signs
+        tail = x[n:] @ signs[: x.numel() - n] if x.numel() > n else x.new_zeros(3)
+        out.extend(float(v) for v in (body + tail).double())
+    return out
+
+
+def sketch_mismatch(a: list, b: list) -> bool:
+    """Whether two sketches belong to different tensors (see :func:`tensor_sketch`)."""
+    if len(a) != len(b) or a[0] != b[0]:
+        return True
+    scale = max(abs(a[2]), abs(b[2])) ** 0.5
+    if abs(a[2] - b[2]) > _SKETCH_TOL * max(abs(a[2]), abs(b[2])):
+        return True
+    return any(abs(x - y) > _SKETCH_TOL * scale for x, y in zip(a[1:2] + a[3:], b[1:2] + b[3:], strict=True))
 
 
 def fingerprint_mismatch(expected: dict, actual: dict) -> str | None:
-    """A sentence naming the first difference between two fingerprints, or None."""
+    """A sentence naming the first difference between two fingerprints, or None.
+
+    A saved fingerprint that is missing or malformed is a difference too (it must
+    never let a file through unchecked).
+    """
+    if not isinstance(expected, dict) or not isinstance(expected.get("dims"), dict) or not (
+            isinstance(expected.get("tensors"), dict) and expected["tensors"]
+            or isinstance(expected.get("weights"), dict) and expected["weights"]):
+        return "the saved model fingerprint is missing or malformed"
     for key, val in expected["dims"].items():
         got = actual["dims"].get(key)
         if got != val:
             return f"{key} is {val!r} in the saved model but {got!r} in this one"
-    for key, val in expected["weights"].items():
-        got = actual["weights"].get(key)
-        if got != val:
-            return f"weight '{key}' differs (hash {val} saved, {got} here)"
-    return None
+    if "tensors" in expected:
+        exp, act = expected["tensors"], actual.get("tensors", {})
+        for name, sk in exp.items():
+            if name not in act:
+                return f"weight '{name}' of the saved model is missing in this one"
+            if not isinstance(sk, list) or not all(isinstance(v, (int, float)) for v in sk):
+                return "the saved model fingerprint is malformed"
+            if sketch_mismatch(sk, act[name]):
+                return f"weight '{name}' differs"
+        extra = sorted(set(act) - set(exp))
+        if extra:
+            return f"this model has weights the saved one has not ({', '.join(extra[:3])})"
+        return None
+    return ("the saved fingerprint covers only the readout weights (written by an earlier residual_fast); "
+            "refit or re-save it with this version")
 
 
 def layer_scale_gamma(module: nn.Module, where: str) -> torch.Tensor | None:
@@ -228,6 +304,18 @@ class VisualAdapter:
     def readout(self) -> LiveReadout:
         """The model's own readout tensors, read from its modules now (no copies)."""
         raise NotImplementedError
+
+    def vision_module(self) -> nn.Module:
+        """The module holding every weight the image features depend on (overridden where ``visual`` also holds
+        a text tower)."""
+        return self.visual
+
+    def named_tensors(self):
+        """Every floating-point parameter and buffer of the vision tower, by name."""
+        mod = self.vision_module()
+        for name, t in list(mod.named_parameters()) + list(mod.named_buffers()):
+            if t.is_floating_point():
+                yield name, t
 
     def walk(self, images: torch.Tensor, sink: UnitSink | None) -> tuple[torch.Tensor, torch.Tensor]:
         """Run the ViT; return ``(z, output)``: pooled final residual (n, w), output (n, D)."""

@@ -98,13 +98,26 @@ class LinearViTAdapter(VisualAdapter):
     def _pool(self, x: torch.Tensor) -> torch.Tensor:
         return x[:, 0] if self.pool_kind == "cls" else x[:, self.num_prefix:].mean(dim=1)
 
+    vision_parts: list[tuple[str, nn.Module | None]] | None = None  # set where the module also has a text tower
+
+    def named_tensors(self):
+        if self.vision_parts is None:
+            yield from super().named_tensors()
+            return
+        for prefix, mod in self.vision_parts:
+            if mod is None:
+                continue
+            for name, t in list(mod.named_parameters()) + list(mod.named_buffers()):
+                if t.is_floating_point():
+                    yield f"{prefix}.{name}", t
+
     def readout(self) -> LiveReadout:
         ln = _as_layernorm(self.final_norm, "the final norm")
         layers = [LayerReadout(b.out_weight, b.out_bias, b.ls1, b.ls2) for b in self.blocks]
         return LiveReadout(layers, ln.weight, ln.bias, float(ln.eps), self.proj_weight, self.proj_bias)
 
     def spec(self) -> ReadoutSpec:
-        return ReadoutSpec.from_readout(self.family, self.pool_kind, self.num_heads, self.readout())
+        return ReadoutSpec.from_readout(self.family, self.pool_kind, self.num_heads, self.readout(), source=self)
 
     def walk(self, images: torch.Tensor, sink: UnitSink | None) -> tuple[torch.Tensor, torch.Tensor]:
         x = self.embed(images)

@@ -64,6 +64,7 @@ class HFCLIPAdapter(LinearViTAdapter):
         self.final_norm = vm.post_layernorm
         self.pool_kind, self.num_prefix = "cls", 1
         proj = getattr(visual, "visual_projection", None)
+        self.vision_parts = [("vision_model", vm), ("visual_projection", proj)]
         self.proj_weight = proj.weight.T if proj is not None else None
         self.proj_bias = proj.bias if proj is not None else None
         self.image_hw, self.channels = _image_hw(cfg), cfg.num_channels
@@ -94,6 +95,7 @@ class HFBlipAdapter(LinearViTAdapter):
         self.final_norm = vm.post_layernorm
         self.pool_kind, self.num_prefix = "cls", 1
         proj = getattr(visual, "vision_proj", None)
+        self.vision_parts = [("vision_model", vm), ("vision_proj", proj)]
         self.proj_weight = proj.weight.T if proj is not None else None
         self.proj_bias = proj.bias if proj is not None else None
         self.image_hw, self.channels = _image_hw(cfg), 3

@@ -109,7 +109,7 @@ class OpenCLIPVisualAdapter(VisualAdapter):
 
     def spec(self) -> ReadoutSpec:
         heads = self.visual.transformer.resblocks[0].attn.num_heads
-        return ReadoutSpec.from_readout(self.family, self.pool, heads, self.readout())
+        return ReadoutSpec.from_readout(self.family, self.pool, heads, self.readout(), source=self)
 
     # -- the walk -------------------------------------------------------------
     def check_images(self, images: torch.Tensor) -> None:
