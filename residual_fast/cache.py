@@ -97,6 +97,11 @@ class ActivationCache:
         for i, shard in enumerate(self.manifest["shards"]):
             check_meta(shard, SHARD_SCHEMA, f"{where}, shard {i}")
             safe_child(self.path, shard["file"], f"{where}, shard {i}")
+        names = [s["file"] for s in self.manifest["shards"]]
+        if len(set(names)) != len(names):
+            raise CorruptFileError(f"{where}: a shard is listed twice")
+        if self.manifest["complete"] and not names:
+            raise CorruptFileError(f"{where}: marked complete but lists no shards")
 
     @property
     def complete(self) -> bool:
@@ -144,6 +149,10 @@ class ActivationCache:
         if not self.complete:
             raise RuntimeError(f"the cache at {self.path} is incomplete; build it again to resume")
         parts = [self.shard_tensors(i) for i in range(len(self.manifest["shards"]))]
+        for f in FIELDS:
+            shapes = {tuple(p[f].shape[1:]) for p in parts}
+            if len(shapes) != 1:
+                raise CorruptFileError(f"cache {self.path}: shards disagree on the shape of {f!r}: {sorted(shapes)}")
         return CachedSplit(*(torch.cat([p[f] for p in parts]) for f in (*FIELDS, "labels")))
 
 
@@ -210,6 +219,8 @@ def build_cache(visual: nn.Module, batches: Iterable, path: str | os.PathLike, *
             if labels.ndim != 1 or labels.shape[0] != images.shape[0]:
                 raise ValueError(f"batch {i}: {images.shape[0]} images but labels of shape {tuple(labels.shape)}; "
                                  "every image needs one label")
+            if labels.is_floating_point() or labels.is_complex() or (labels.numel() and int(labels.min()) < 0):
+                raise ValueError(f"batch {i}: labels must be class indices >= 0, got {labels[:8].tolist()}")
             acts = capture(adapter, images.to(device, non_blocking=True))
             check_finite_batch(acts, i, "caching")
             tensors = {"emb": acts.emb_raw, "attn": acts.attn_raw, "mlp": acts.mlp_raw, "z": acts.z,

@@ -72,7 +72,13 @@ def prototype_head(features: torch.Tensor, labels: torch.Tensor, num_classes: in
                    logit_scale: float = 100.0) -> Classifier:
     """Nearest-class-mean classifier: normalized means of normalized ``features`` per class."""
     labels = torch.as_tensor(labels, device=features.device).long()
+    if labels.ndim != 1 or labels.shape[0] != features.shape[0]:
+        raise ValueError(f"{features.shape[0]} features but labels of shape {tuple(labels.shape)}")
+    if labels.numel() and int(labels.min()) < 0:
+        raise ValueError(f"labels must be class indices >= 0, got {int(labels.min())}")
     num_classes = num_classes or int(labels.max()) + 1
+    if labels.numel() and int(labels.max()) >= num_classes:
+        raise ValueError(f"label {int(labels.max())} is out of range for {num_classes} classes")
     f = F.normalize(features.float(), dim=-1)
     sums = torch.zeros(num_classes, f.shape[1], device=f.device).index_add_(0, labels, f)
     counts = torch.bincount(labels, minlength=num_classes)

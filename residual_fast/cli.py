@@ -168,6 +168,7 @@ def cmd_fit(args) -> None:
     from .cache import ActivationCache, fit_bases_from_cache
     from .classifiers import prototype_head, zero_shot_head
     from .data import load_dataset
+    from .serialization import write_json_atomic
     from .spectral import SpectralBases
     from .train import fit_method
 
@@ -195,8 +196,7 @@ def cmd_fit(args) -> None:
         module.save(out / "adapter")
     elif module is not None:
         save_file({k: v.contiguous() for k, v in module.state_dict().items()}, str(out / "module.safetensors"))
-    (out / "fit.json").write_text(json.dumps({"method": args.method, "model": args.model, **result.to_dict()},
-                                             indent=1))
+    write_json_atomic(out / "fit.json", {"method": args.method, "model": args.model, **result.to_dict()})
     print(json.dumps({k: v for k, v in result.to_dict().items() if k != "history"}))
 
 
@@ -212,6 +212,9 @@ def cmd_eval(args) -> None:
     # every file is checked before the model is built
     meta = read_json(fit_dir / "fit.json", "fit.json")
     check_meta(meta, {"method": one_of(*METHODS), "model": is_str}, f"{fit_dir / 'fit.json'}")
+    if meta["model"] != args.model:
+        raise UserError(f"{fit_dir} was fitted with --model {meta['model']} but this evaluation uses --model "
+                        f"{args.model}")
     if meta["method"] in ("coarse", "fine", "full"):
         load_bundle(fit_dir / "adapter", "residual_adapter")
     head = _load_head(fit_dir)

@@ -19,7 +19,9 @@ Two modules:
 Both watch the wrapped model's parameters (identity and ``_version``, read
 without a device sync): a cast or move is followed; after an in-place weight
 change the readout weights are fingerprinted again, and a change there raises
-(the maps were derived from the old weights) - never stale maps.
+(the maps were derived from the old weights) - never stale maps in eager mode.
+A ``torch.compile``-d or exported module captures the maps as they are (Dynamo
+does not guard on ``_version``): merge and compile again after changing weights.
 """
 
 from __future__ import annotations
@@ -83,15 +85,20 @@ class _AdaptedEncoder(nn.Module):
                     "derived from the old weights. Fit bases on the changed model and build a new adapter"
                 )
             self._weights_changed()
+        else:  # a cast or a move: later comparisons are between equal dtypes again (exact)
+            self._fingerprint = walker.spec().fingerprint(readout_only=True)
         self._walker, self._seen = walker, state
 
     def _weights_changed(self) -> None:
         """Weights other than the readout's changed: the lean maps still hold."""
 
     def _apply(self, fn, *args, **kwargs):
+        if hasattr(self, "_seen"):
+            self._check_model()  # an in-place change made before this cast must not be absorbed by it
         out = super()._apply(fn, *args, **kwargs)
         self._walker = get_adapter(self.wrapped_visual)
         self._seen = self._weights_state()
+        self._fingerprint = self._walker.spec().fingerprint(readout_only=True)
         return out
 
     # -- the forward ------------------------------------------------------------------------------
@@ -197,6 +204,15 @@ class MergedResiDualVisual(_AdaptedEncoder):
         self._head_weight = float(lean.head_weight)
         self.info = dict(info)
         self.eval()
+
+    def _apply(self, fn, *args, **kwargs):
+        keep = {n: self._buffers[n] for n in ("v1", "v2", "c")}
+        out = super()._apply(fn, *args, **kwargs)
+        for n, old in keep.items():  # the epilogue stays in the accumulation dtype under .half() / .bfloat16()
+            new = self._buffers[n]
+            if new.dtype in (torch.float16, torch.bfloat16) and old.dtype in (torch.float32, torch.float64):
+                self._buffers[n] = old.to(device=new.device, dtype=torch.float32)
+        return out
 
     def _lean(self, dtype, acc_dtype, device) -> LeanReadout:
         b = self._buffers

@@ -110,6 +110,8 @@ class UnitGroup(nn.Module):
         const_sum = torch.zeros(D, dtype=f64, device=dev)
         R = None if self.scalar else torch.zeros(K, q, dtype=f64, device=dev)
         X = None if self.scalar or self.kind != "head" else torch.zeros(K, q, dtype=f64, device=dev)
+        # a model cast to half precision moves F by its rounding: tolerate that, not a foreign basis (~1)
+        tol = max(1e-6, 30 * torch.finfo(spec.layers[0].out_weight.dtype).eps)
         for u0, u1, layers in self.chunks(spec):
             F, const = affine_maps(spec, self.kind, layers=layers)
             F, const = F.to(dev), const.to(dev)
@@ -125,7 +127,15 @@ class UnitGroup(nn.Module):
             Bp[lu, pos] = self.components[k0:k1].to(f64)
             R[k0:k1] = (F @ Bp.transpose(1, 2))[lu, :, pos]  # (Kc, q)
             if X is not None:
-                X[k0:k1] = (Bp @ torch.linalg.pinv(F))[lu, pos]
+                Xc = Bp @ torch.linalg.pinv(F)
+                # the factorization needs B_u = X_u F_u: components outside the unit's output space (a tampered
+                # or hand-made file) would be projected silently
+                off = (Xc @ F - Bp).norm() / Bp.norm().clamp_min(1e-300)
+                if off > tol:
+                    raise CorruptFileError(f"{self.kind} components of layer {layers.start} do not lie in their units'"
+                                           f" output space (relative residual {float(off):.1e}): not bases of this "
+                                           "model")
+                X[k0:k1] = Xc[lu, pos]
         self.register_buffer("zF", zF, persistent=False)
         self.register_buffer("const_sum", const_sum, persistent=False)
         if R is not None:

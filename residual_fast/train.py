@@ -89,6 +89,7 @@ def method_forward(method: str, module: nn.Module | None) -> Callable[[CachedSpl
 @torch.no_grad()
 def evaluate(forward: Callable, split: CachedSplit, head: Classifier, batch_size: int = 1024) -> float:
     """Top-1 accuracy of ``head(forward(split))``."""
+    check_labels(split, head, "evaluated")
     correct = 0
     for start in range(0, len(split), batch_size):
         idx = torch.arange(start, min(start + batch_size, len(split)))
@@ -107,6 +108,8 @@ def fit(module: nn.Module, forward: Callable, train: CachedSplit, val: CachedSpl
         raise ValueError("train and validation splits must be non-empty")
     check_finite_split(train, "train")
     check_finite_split(val, "validation")
+    check_labels(train, head, "train")
+    check_labels(val, head, "validation")
     torch.manual_seed(seed)
     gen = torch.Generator().manual_seed(seed)
     params = [p for p in module.parameters() if p.requires_grad]
@@ -150,6 +153,13 @@ def fit(module: nn.Module, forward: Callable, train: CachedSplit, val: CachedSpl
     module.eval()
     n_params = sum(p.numel() for p in params)
     return FitResult(method, n_params, best_epoch, best_acc, time.perf_counter() - start, history)
+
+
+def check_labels(split: CachedSplit, head: Classifier, name: str) -> None:
+    """Labels must be class indices of the head (a -1 or an index past the classes is a data error)."""
+    if len(split) and (int(split.labels.min()) < 0 or int(split.labels.max()) >= head.num_classes):
+        raise ValueError(f"the {name} split has labels in [{int(split.labels.min())}, {int(split.labels.max())}] but "
+                         f"the head has {head.num_classes} classes: labels and classes do not match")
 
 
 def check_finite_split(split: CachedSplit, name: str) -> None:

@@ -267,6 +267,8 @@ def test_cli_cache_fit_eval(tmp_path, capsys):
     assert cli_main(ev) == 2
     assert "'method' must be one of" in capsys.readouterr().err
     fit_json.write_text(json.dumps(meta))
+    assert cli_main([*ev, "--model", "ViT-B-16"]) == 2  # fitted with another model
+    assert "fitted with --model ViT-B-32" in capsys.readouterr().err
     (tmp_path / "fit" / "adapter" / "tensors.safetensors").write_bytes(b"\x00garbage")
     assert cli_main(ev) == 2
     err = capsys.readouterr().err.strip().splitlines()

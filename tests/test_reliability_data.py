@@ -36,9 +36,20 @@ def test_nan_pixel_in_caching_names_the_batch(tmp_path, v):
         build_cache(v, batches, tmp_path / "c", progress=False)
 
 
-def test_labels_shorter_than_images(tmp_path, v):
+def test_labels_shorter_than_images_or_negative(tmp_path, v):
     with pytest.raises(ValueError, match="labels"):
         build_cache(v, [(images_for(v, 4), torch.arange(3))], tmp_path / "c", progress=False)
+    with pytest.raises(ValueError, match="class indices"):
+        build_cache(v, [(images_for(v, 4), torch.tensor([0, 1, -1, 2]))], tmp_path / "d", progress=False)
+
+
+def test_labels_outside_the_heads_classes(tmp_path, v):
+    batches = [(images_for(v, 12, seed=s), torch.arange(12) % 3) for s in range(2)]
+    train = build_cache(v, batches[:1], tmp_path / "tr", progress=False).load()
+    val = build_cache(v, batches[1:], tmp_path / "va", progress=False).load()
+    head = prototype_head(train.output[:8], train.labels[:8] % 2)  # 2 classes, labels go to 2
+    with pytest.raises(ValueError, match="labels and classes do not match"):
+        fit_method("linear", train, val, head, epochs=1, progress=False)
 
 
 def test_training_on_non_finite_inputs_stops(tmp_path, v):

@@ -115,6 +115,8 @@ def _cache(tmp_path, v):
     (lambda m: m["shards"][0].update(n=-1), "'n'"),
     (lambda m: m["shards"][0].pop("sha256"), "sha256"),
     (lambda m: m.update(shards="shard-000000.safetensors"), "shards"),
+    (lambda m: m["shards"].append(dict(m["shards"][0])), "listed twice"),
+    (lambda m: m.update(shards=[]), "no shards"),
 ])
 def test_tampered_cache_manifest(tmp_path, fitted, edit, match):
     v, _ = fitted

@@ -77,3 +77,61 @@ def test_an_empty_or_missing_fingerprint_never_bypasses_the_check(tmp_path, fitt
         (tmp_path / "a" / META).write_text(json.dumps(meta))
         with pytest.raises(ValueError, match="fingerprint|metadata"):
             rf.ResiDual.load(tmp_path / "a", v)
+
+
+def test_small_readout_changes_are_refused_and_casts_of_tiny_weights_are_not(fitted):
+    from open_clip.transformer import VisionTransformer
+
+    v, bases = fitted
+    other = copy.deepcopy(v)
+    fused = rf.ResiDualVisual(other, rf.ResiDual.from_bases(bases, "fine"))
+    merged = fused.merge()
+    x = images_for(v, 2)
+    with torch.no_grad():
+        other.proj.mul_(1.009)  # a 0.9% change of the projection, in place
+        for module in (fused, merged):
+            with pytest.raises(RuntimeError, match="readout weights changed"):
+                module(x)
+    # untrained layer scale (1e-6): a half-precision copy rounds it by several percent, and is still the same model
+    torch.manual_seed(0)
+    ls = VisionTransformer(image_size=32, patch_size=8, width=64, layers=2, heads=4, mlp_ratio=2.0, output_dim=48,
+                           ls_init_value=1e-6).eval()
+    b = rf.fit_bases(ls, [images_for(ls, 32)], progress=False)
+    adapter = rf.ResiDual.from_bases(b, "fine")
+    for dtype in (torch.float16, torch.bfloat16):
+        rf.ResiDualVisual(copy.deepcopy(ls).to(dtype), adapter)
+
+
+def test_non_finite_fingerprints_match_nothing(tmp_path, fitted):
+    v, bases = fitted
+    rf.ResiDual.from_bases(bases, "fine").save(tmp_path / "a")
+    meta = json.loads((tmp_path / "a" / META).read_text())
+    for sk in meta["fingerprint"]["tensors"].values():
+        sk["s"][1] = float("nan")
+    (tmp_path / "a" / META).write_text(json.dumps(meta))
+    with pytest.raises(ValueError, match="fingerprint"):
+        rf.ResiDual.load(tmp_path / "a", v)
+    broken = copy.deepcopy(v)
+    with torch.no_grad():
+        broken.conv1.weight[0, 0, 0, 0] = float("nan")
+    with pytest.raises(ValueError, match="NaN or Inf"):
+        rf.ResiDualVisual(broken, rf.ResiDual.from_bases(bases, "fine"))
+
+
+def test_components_outside_the_units_space_are_refused(tmp_path, fitted):
+    v, bases = fitted
+    adapter = rf.ResiDual.from_bases(bases, "fine")
+    g = adapter.groups["head"]
+    with torch.no_grad():
+        g.components[0] = torch.nn.functional.normalize(torch.randn_like(g.components[0]), dim=0)
+    adapter.save(tmp_path / "a")  # a hand-made file with a valid checksum
+    with pytest.raises(ValueError, match="output space"):
+        rf.ResiDual.load(tmp_path / "a", v)
+
+
+def test_merged_half_keeps_the_epilogue_in_fp32(fitted):
+    v, bases = fitted
+    merged = rf.ResiDualVisual(copy.deepcopy(v), rf.ResiDual.from_bases(bases, "fine")).merge()
+    merged.half()
+    assert merged.v1.dtype == merged.v2.dtype == merged.c.dtype == torch.float32
+    assert merged.head_A.dtype == torch.float16

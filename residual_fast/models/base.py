@@ -15,6 +15,7 @@ is written against these two objects only.
 
 from __future__ import annotations
 
+import math
 import weakref
 from dataclasses import dataclass, field
 from typing import Protocol
@@ -193,46 +194,61 @@ class _AdapterRef:
         return None if visual is None else self.cls(visual)
 
 
-SKETCH_VERSION = 1
-_SKETCH_PERIODS = (64, 61)  # coprime: a permutation of blocks changes the second family of sketches
-_SKETCH_TOL = 2e-2
+SKETCH_VERSION = 2
+_SKETCH_PERIODS = (64, 61)  # coprime: a permutation of blocks changes the second family of signed sums
+# per-element rounding of each dtype: relative (unit roundoff, with a factor 2 of margin) and absolute (subnormals)
+_ROUNDING = {"float64": (2.0**-52, 0.0), "float32": (2.0**-23, 2.0**-149), "float16": (2.0**-10, 2.0**-24),
+             "bfloat16": (2.0**-7, 2.0**-133)}
+_SUM_NOISE = 1e-9  # float64 accumulation in another order (threads, devices), relative to sum |x|
 
 
 def _signs(period: int, device) -> torch.Tensor:
     g = torch.Generator().manual_seed(1000 + period)
-    return (torch.randint(0, 2, (period, 3), generator=g) * 2 - 1).to(device=device, dtype=torch.float32)
+    return (torch.randint(0, 2, (period, 3), generator=g) * 2 - 1).to(device=device, dtype=torch.float64)
 
 
 @torch.no_grad()
-def tensor_sketch(t: torch.Tensor) -> list[float]:
-    """``[numel, sum, sum of squares, 6 signed sums]`` of a tensor's values, accumulated in float64.
+def tensor_sketch(t: torch.Tensor) -> dict:
+    """``{"dtype", "s": [numel, sum, sum of squares, sum of |x|, 6 signed sums]}``, accumulated in float64.
 
-    A dtype cast perturbs each signed sum by about ``2^-9 sqrt(sum sq)`` (bf16); a
-    different tensor by about ``sqrt(2 sum sq)``: :func:`sketch_mismatch` compares at
-    ``2e-2 sqrt(sum sq)``.
+    :func:`sketch_mismatch` allows exactly the rounding a cast between the two
+    recorded dtypes can cause (none between equal dtypes): a model and its fp16 /
+    bf16 copy match; a weight changed by more than that rounding does not.
     """
     x = t.detach().reshape(-1)
-    if not x.is_floating_point():
-        x = x.double()
-    x = x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
-    out = [float(x.numel()), float(x.sum(dtype=torch.float64)), float((x.double() ** 2).sum())]
+    dtype = str(x.dtype).replace("torch.", "")
+    x = x.double()
+    out = [float(x.numel()), float(x.sum()), float((x * x).sum()), float(x.abs().sum())]
     for period in _SKETCH_PERIODS:
         n = (x.numel() // period) * period
-        signs = _signs(period, x.device).to(x.dtype)
-        body = (x[:n].view(-1, period).sum(0) if n else x.new_zeros(period)) @ signs
+        signs = _signs(period, x.device)
+        body = x[:n].view(-1, period).sum(0) @ signs if n else x.new_zeros(3)
         tail = x[n:] @ signs[: x.numel() - n] if x.numel() > n else x.new_zeros(3)
-        out.extend(float(v) for v in (body + tail).double())
-    return out
+        out.extend(float(v) for v in body + tail)
+    return {"dtype": dtype, "s": out}
 
 
-def sketch_mismatch(a: list, b: list) -> bool:
-    """Whether two sketches belong to different tensors (see :func:`tensor_sketch`)."""
-    if len(a) != len(b) or a[0] != b[0]:
+def _valid_sketch(sk) -> bool:
+    return (isinstance(sk, dict) and sk.get("dtype") in _ROUNDING and isinstance(sk.get("s"), list)
+            and len(sk["s"]) == 10 and all(isinstance(v, (int, float)) and not isinstance(v, bool)
+                                           and math.isfinite(v) for v in sk["s"]))
+
+
+def sketch_mismatch(a: dict, b: dict) -> bool:
+    """Whether two sketches belong to different tensors, beyond what a cast between their dtypes explains."""
+    sa, sb = a["s"], b["s"]
+    if sa[0] != sb[0]:
         return True
-    scale = max(abs(a[2]), abs(b[2])) ** 0.5
-    if abs(a[2] - b[2]) > _SKETCH_TOL * max(abs(a[2]), abs(b[2])):
+    n = sa[0]
+    rel = max(_ROUNDING[a["dtype"]][0], _ROUNDING[b["dtype"]][0]) if a["dtype"] != b["dtype"] else 0.0
+    absolute = (_ROUNDING[a["dtype"]][1] + _ROUNDING[b["dtype"]][1]) if a["dtype"] != b["dtype"] else 0.0
+    l1 = max(sa[3], sb[3])
+    lin = rel * l1 + n * absolute + _SUM_NOISE * l1  # |sum w (x - x')| <= sum |x - x'| for |w| <= 1
+    sq = (2 * rel + rel * rel) * max(sa[2], sb[2]) + 2 * absolute * l1 + n * absolute**2 + _SUM_NOISE * max(
+        sa[2], sb[2])
+    if abs(sa[2] - sb[2]) > sq:
         return True
-    return any(abs(x - y) > _SKETCH_TOL * scale for x, y in zip(a[1:2] + a[3:], b[1:2] + b[3:], strict=True))
+    return any(abs(x - y) > lin for x, y in zip(sa[1:2] + sa[3:], sb[1:2] + sb[3:], strict=True))
 
 
 def fingerprint_mismatch(expected: dict, actual: dict) -> str | None:
@@ -241,29 +257,33 @@ def fingerprint_mismatch(expected: dict, actual: dict) -> str | None:
     A saved fingerprint that is missing or malformed is a difference too (it must
     never let a file through unchecked).
     """
-    if not isinstance(expected, dict) or not isinstance(expected.get("dims"), dict) or not (
-            isinstance(expected.get("tensors"), dict) and expected["tensors"]
-            or isinstance(expected.get("weights"), dict) and expected["weights"]):
-        return "the saved model fingerprint is missing or malformed"
+    malformed = "the saved model fingerprint is missing or malformed"
+    if not isinstance(expected, dict) or not isinstance(expected.get("dims"), dict):
+        return malformed
+    if "tensors" not in expected and isinstance(expected.get("weights"), dict):
+        return ("the saved fingerprint covers only the readout weights (written by an earlier residual_fast); "
+                "refit or re-save it with this version")
+    if expected.get("sketch") != SKETCH_VERSION or not isinstance(expected.get("tensors"), dict) \
+            or not expected["tensors"] or set(expected["dims"]) != set(actual["dims"]):
+        return malformed
     for key, val in expected["dims"].items():
         got = actual["dims"].get(key)
         if got != val:
             return f"{key} is {val!r} in the saved model but {got!r} in this one"
-    if "tensors" in expected:
-        exp, act = expected["tensors"], actual.get("tensors", {})
-        for name, sk in exp.items():
-            if name not in act:
-                return f"weight '{name}' of the saved model is missing in this one"
-            if not isinstance(sk, list) or not all(isinstance(v, (int, float)) for v in sk):
-                return "the saved model fingerprint is malformed"
-            if sketch_mismatch(sk, act[name]):
-                return f"weight '{name}' differs"
-        extra = sorted(set(act) - set(exp))
-        if extra:
-            return f"this model has weights the saved one has not ({', '.join(extra[:3])})"
-        return None
-    return ("the saved fingerprint covers only the readout weights (written by an earlier residual_fast); "
-            "refit or re-save it with this version")
+    exp, act = expected["tensors"], actual["tensors"]
+    for name, sk in exp.items():
+        if not _valid_sketch(sk):
+            return malformed
+        if name not in act:
+            return f"weight '{name}' of the saved model is missing in this one"
+        if not _valid_sketch(act[name]):
+            return f"weight '{name}' of this model holds NaN or Inf"
+        if sketch_mismatch(sk, act[name]):
+            return f"weight '{name}' differs"
+    extra = sorted(set(act) - set(exp))
+    if extra:
+        return f"this model has weights the saved one has not ({', '.join(extra[:3])})"
+    return None
 
 
 def layer_scale_gamma(module: nn.Module, where: str) -> torch.Tensor | None:
