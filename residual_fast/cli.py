@@ -82,11 +82,12 @@ def _load(args):
 def _loader(args, preprocess):
     from torch.utils.data import DataLoader, Subset
 
+    from .data.splits import stratified_subset
     from .pipeline import load_splits
 
     data, idx = load_splits(args.dataset, root=args.root, transform=preprocess, seed=args.seed)[args.split]
-    if args.max_images is not None:
-        idx = idx[: args.max_images]
+    if args.max_images is not None:  # every class keeps its share (the split is sorted by class)
+        idx = stratified_subset(data.labels, idx, args.max_images, seed=args.seed)
     return data, DataLoader(Subset(data.dataset, idx.tolist()), batch_size=args.batch_size, shuffle=False,
                             num_workers=args.workers)
 

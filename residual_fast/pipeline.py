@@ -17,6 +17,7 @@ from torch.utils.data import DataLoader, Subset
 from .cache import ActivationCache, CachedSplit, build_cache, fit_bases_from_cache
 from .classifiers import Classifier, prototype_head, text_head
 from .data import LabeledImages, load_dataset, stratified_split
+from .data.datasets import dataset_slug
 from .decompose import eval_mode
 from .loading import load, load_open_clip
 from .report import plot_lambdas, plot_spectra, write_results
@@ -55,14 +56,19 @@ def load_splits(name: str, *, root: str | None = None, transform=None, seed: int
 
 
 def cache_splits(visual: nn.Module, parts: dict, folder: Path, *, batch_size: int = 128, workers: int = 0,
-                 max_images: int | None = None, progress: bool = True) -> PreparedData:
+                 max_images: int | None = None, progress: bool = True, seed: int = 0) -> PreparedData:
+    """One cache per split under ``folder``; ``max_images`` keeps a seeded, stratified subset of each."""
+    from .data.splits import stratified_subset
+
     caches = {}
     for split, (data, idx) in parts.items():
         if max_images is not None:
-            idx = idx[:max_images]
+            idx = stratified_subset(data.labels, idx, max_images, seed=seed)
         loader = DataLoader(Subset(data.dataset, idx.tolist()), batch_size=batch_size, shuffle=False,
                             num_workers=workers)
-        caches[split] = build_cache(visual, loader, folder / split, progress=progress)
+        source = {"dataset": data.name, "split": split, "seed": seed, "max_images": max_images,
+                  "images": int(idx.numel()), "batch_size": batch_size}
+        caches[split] = build_cache(visual, loader, folder / split, progress=progress, source=source)
     splits = {k: c.load() for k, c in caches.items()}
     return PreparedData(caches, splits, {k: len(v) for k, v in splits.items()})
 
@@ -209,8 +215,8 @@ def reproduce(models: list[str], datasets: list[str], methods: list[str], out: s
                 parts = load_splits(dname, root=root, transform=loaded.preprocess, seed=seed)
                 train = parts["train"][0]
                 data = cache_splits(loaded.visual, parts, out / "cache" / name.replace(":", "_").replace("/", "_")
-                                    / (tag or "random") / dname, batch_size=batch_size, workers=workers,
-                                    max_images=max_images, progress=progress)
+                                    / (tag or "random") / dataset_slug(dname), batch_size=batch_size,
+                                    workers=workers, max_images=max_images, progress=progress, seed=seed)
                 if loaded.encode_text is not None:  # zero-shot head from the text tower
                     scale = getattr(loaded.model, "logit_scale", None)
                     with torch.no_grad():

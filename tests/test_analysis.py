@@ -213,3 +213,41 @@ def test_analyze_cli_offline(tmp_path, capsys):
     for name in ("report.md", "metrics.json", "heads.csv", "digits/linear_id.png", "digits/twonn.png",
                  "digits/head_accuracy.png", "digits/task_correlation.png"):
         assert (out / name).is_file()
+
+
+def test_analyze_on_a_folder_by_absolute_path_writes_nothing_into_it(tmp_path, capsys):
+    """Outputs go under --out (a slug of the folder name), never into the dataset folder."""
+    import numpy as np
+    from PIL import Image
+    from sklearn.datasets import load_digits
+
+    data = tmp_path / "my data"
+    digits = load_digits()
+    for c in range(3):
+        (data / f"class{c}").mkdir(parents=True)
+        for i, img in enumerate(digits.images[digits.target == c][:14]):
+            Image.fromarray((img * 15).astype(np.uint8)).save(data / f"class{c}" / f"{i}.png")
+    before = sorted(p.relative_to(data) for p in data.rglob("*"))
+    out = tmp_path / "an"
+    args = ["analyze", "--model", "ViT-B-32", "--image-size", "32", "--max-images", "12", "--twonn-samples", "10",
+            "--datasets", str(data.resolve()), "--out", str(out), "--no-progress"]
+    assert cli_main(args) == 0
+    assert sorted(p.relative_to(data) for p in data.rglob("*")) == before
+    from residual_fast.data import load_dataset
+
+    assert len(load_dataset(str(data.resolve()), "train").classnames) == 3  # the folder still loads afterwards
+    capsys.readouterr()
+    slug = next(p.name for p in out.iterdir() if p.is_dir() and p.name.startswith("my_data-"))
+    assert (out / slug / "linear_id.png").is_file()
+
+
+def test_max_images_is_stratified():
+    from residual_fast.data.splits import stratified_subset
+
+    labels = torch.tensor([0] * 36 + [1] * 28 + [2] * 30)  # a class-sorted split
+    for n in (3, 10, 64):
+        counts = torch.bincount(labels[stratified_subset(labels, torch.arange(94), n)], minlength=3)
+        assert counts.sum() == n and bool((counts >= 1).all())
+        assert (counts.double() - n * torch.tensor([36, 28, 30]) / 94).abs().max() <= 1
+    assert torch.equal(stratified_subset(labels, torch.arange(94), 10, seed=1),
+                       stratified_subset(labels, torch.arange(94), 10, seed=1))

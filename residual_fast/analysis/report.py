@@ -10,6 +10,7 @@ import torch
 
 from ..cache import fit_bases_from_cache
 from ..classifiers import prototype_head, text_head
+from ..data.datasets import dataset_slug
 from ..loading import load
 from ..pipeline import cache_splits, load_splits
 from . import (
@@ -76,10 +77,11 @@ def analyze(model: str, datasets: list[str], out: str | Path, *, root: str | Non
             dict_emb = torch.cat([loaded.encode_text(dictionary[i:i + 128]).double()
                                   for i in range(0, len(dictionary), 128)])
     for dname in datasets:
+        slug = dataset_slug(dname)  # an absolute folder path must not send outputs into the data
         parts = load_splits(dname, root=root, transform=loaded.preprocess, seed=seed)
         parts = {k: v for k, v in parts.items() if k in ("train", "test")}
-        data = cache_splits(visual, parts, out / "cache" / dname, batch_size=batch_size, max_images=max_images,
-                            progress=progress)
+        data = cache_splits(visual, parts, out / "cache" / slug, batch_size=batch_size, max_images=max_images,
+                            progress=progress, seed=seed)
         train_ds = parts["train"][0]
         bases = fit_bases_from_cache(data.caches["train"], visual, ("head",), progress=progress)
         bases_by_ds[dname] = bases
@@ -106,7 +108,7 @@ def analyze(model: str, datasets: list[str], out: str | Path, *, root: str | Non
         sel = {ab: greedy_selection(heads, task, ks, classifier, ablation=ab, bases=bases) for ab in ("zero", "mean")}
         top10 = sorted(torch.argsort(task, descending=True)[: max(1, heads.num_heads // 10)].tolist())
         selected[dname] = top10
-        d_out = out / dname
+        d_out = out / slug
         d_out.mkdir(exist_ok=True)
         for key, vals, title, label, fmt in (
             ("linear_id", summ["linear_id"], f"linear ID (EVR {id_threshold})", "components", ".0f"),
@@ -153,7 +155,7 @@ def analyze(model: str, datasets: list[str], out: str | Path, *, root: str | Non
                     f"{t} ({e:.2f})" for t, e in ts.describe(dictionary)))
                 md.append("SOMP: " + "; ".join(f"{t} ({e:.2f})" for t, e in sp.describe(dictionary)) + "")
                 md.append("")
-        md += [f"![{k}]({dname}/{k}.png)" for k in ("linear_id", "twonn", "head_accuracy", "task_correlation")]
+        md += [f"![{k}]({slug}/{k}.png)" for k in ("linear_id", "twonn", "head_accuracy", "task_correlation")]
         md.append("")
         metrics["datasets"][dname] = {"full_accuracy": full_acc, "selection": sel, "top_heads_text": texts,
                                       "top10_percent_heads": top10}
@@ -162,13 +164,14 @@ def analyze(model: str, datasets: list[str], out: str | Path, *, root: str | Non
         first = datasets[0]
         for other in datasets[1:]:
             sim = bases_similarity(bases_by_ds[first], bases_by_ds[other])
+            sim_png = f"similarity_{dataset_slug(first)}_{dataset_slug(other)}.png"
             plot_grid(sim, bases_by_ds[first].spec.num_layers, f"spectral similarity {first} vs {other}",
-                      out / f"similarity_{first}_{other}.png", "similarity")
+                      out / sim_png, "similarity")
             jac = jaccard(selected[first], selected[other])
             metrics.setdefault("across", []).append({"a": first, "b": other, "mean_similarity": float(sim.mean()),
                                                      "jaccard_top10": jac})
             md.append(f"- {first} vs {other}: mean spectral similarity {sim.mean():.3f}; Jaccard overlap of the "
-                      f"top-10% heads {jac:.2f} ![similarity](similarity_{first}_{other}.png)")
+                      f"top-10% heads {jac:.2f} ![similarity]({sim_png})")
     (out / "report.md").write_text("\n".join(md) + "\n")
     (out / "metrics.json").write_text(json.dumps(metrics, indent=1))
     with open(out / "heads.csv", "w", newline="") as f:

@@ -171,3 +171,17 @@ def from_tensors(images: torch.Tensor, labels: torch.Tensor, classnames: Sequenc
     """Wrap ``(images, labels)`` the user already has."""
     ds = TensorImages(images, labels, transform)
     return LabeledImages(name, ds, list(classnames), list(templates or prompts.templates("imagenet")), ds.targets)
+
+
+def dataset_slug(name: str) -> str:
+    """A file-name-safe name for a dataset's outputs: the name itself, or for a folder (any path, absolute
+    or relative) its base name and a short hash of its resolved path, so outputs never land in the data."""
+    import hashlib
+    import re
+    from pathlib import Path
+
+    if re.fullmatch(r"[A-Za-z0-9_.-]+", name) and name not in (".", "..") and not Path(name).is_dir():
+        return name
+    resolved = str(Path(name).expanduser().resolve())
+    base = re.sub(r"[^A-Za-z0-9_.-]+", "_", Path(resolved).name) or "data"
+    return f"{base}-{hashlib.sha256(resolved.encode()).hexdigest()[:8]}"
