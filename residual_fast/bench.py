@@ -33,9 +33,16 @@ def build_visual(name: str, device: str = "cpu", dtype: torch.dtype = torch.floa
         from open_clip.transformer import VisionTransformer
 
         v = VisionTransformer(**SMALL)
+    elif name.startswith(("open_clip:", "hf:", "timm:")):
+        from .loading import load
+
+        v = load(name, pretrained=False).visual
     else:
         import open_clip
 
+        if name not in open_clip.list_models():
+            raise ValueError(f"unknown model {name!r}: use 'small', an open_clip name (open_clip.list_models()) "
+                             "or a timm: name")
         v = open_clip.create_model(name, pretrained=None).visual
     return v.eval().to(device=device, dtype=dtype)
 

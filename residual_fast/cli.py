@@ -51,7 +51,8 @@ def non_negative_int(text: str) -> int:
 
 
 def _model_args(p: argparse.ArgumentParser, image_size_default: int | None = None) -> None:
-    p.add_argument("--model", default="ViT-B-32", help="open_clip model name, optionally name/pretrained-tag")
+    p.add_argument("--model", default="ViT-B-32",
+                   help="open_clip ARCH[/pretrained-tag], or hf:REPO / timm:NAME (as rf.load)")
     p.add_argument("--pretrained", default=None, help="open_clip pretrained tag (needs network); default random")
     p.add_argument("--image-size", type=positive_int, default=image_size_default,
                    help="input resolution override (random weights only)")
@@ -69,10 +70,33 @@ def _data_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-images", type=positive_int, default=None)
 
 
+class _Loaded:
+    """The CLI's view of a model of any family: ``.visual`` and, with a text tower, ``.encode_text``."""
+
+    def __init__(self, model, visual, encode_text=None):
+        self.model, self.visual = model, visual
+        if encode_text is not None:
+            self.encode_text = encode_text
+            scale = getattr(model, "logit_scale", None)
+            if scale is not None:
+                self.logit_scale = scale
+
+
 def _load(args):
-    from .loading import load_open_clip
+    """``(model, preprocess, tokenizer)`` for ``open_clip`` names (``ARCH[/TAG]``) and ``hf:`` / ``timm:`` names."""
+    from .loading import load, load_open_clip
 
     name, pretrained = args.model, args.pretrained
+    if name.startswith(("hf:", "timm:")):
+        kwargs = {}
+        if name.startswith("timm:") and args.image_size is not None:
+            if pretrained:
+                raise UserError("--image-size can only be changed for random weights")
+            kwargs["img_size"] = args.image_size
+        loaded = load(name, pretrained=bool(pretrained), device=args.device, **kwargs)
+        # rf.load's encode_text takes strings: the tokenizer is then the identity
+        return (_Loaded(loaded.model, loaded.visual, loaded.encode_text), loaded.preprocess,
+                (lambda texts: texts) if loaded.encode_text is not None else None)
     if "/" in name and pretrained is None:
         name, pretrained = name.split("/", 1)
     model, preprocess, tokenizer = load_open_clip(name, pretrained, image_size=args.image_size, device=args.device)
@@ -167,7 +191,7 @@ def cmd_fit(args) -> None:
     from safetensors.torch import save_file
 
     from .cache import ActivationCache, fit_bases_from_cache
-    from .classifiers import prototype_head, zero_shot_head
+    from .classifiers import prototype_head, text_head, zero_shot_head
     from .data import load_dataset
     from .serialization import write_json_atomic
     from .spectral import SpectralBases
@@ -182,7 +206,16 @@ def cmd_fit(args) -> None:
         head = prototype_head(train.output, train.labels)
     else:
         data = load_dataset(args.dataset, "train", root=args.root, download=False)
-        head = zero_shot_head(model, tokenizer, data.classnames, data.templates, progress=not args.no_progress)
+        if isinstance(model, _Loaded):
+            if not hasattr(model, "encode_text"):
+                raise UserError(f"{args.model} has no text tower (or no offline tokenizer): use --head prototype")
+            scale = getattr(model, "logit_scale", None)
+            with torch.no_grad():
+                head = text_head(model.encode_text, data.classnames, data.templates,
+                                 logit_scale=scale.exp().item() if scale is not None else 100.0,
+                                 progress=not args.no_progress)
+        else:
+            head = zero_shot_head(model, tokenizer, data.classnames, data.templates, progress=not args.no_progress)
     bases = None
     if args.method in ("coarse", "fine", "full"):
         units = ("head", "mlp") if args.method == "full" else ("head",)
@@ -278,6 +311,9 @@ def cmd_analyze(args) -> None:
     print(f"report folder: {args.out} (report.md, metrics.json, heads.csv, per-dataset PNG heatmaps)")
 
 
+HELP = argparse.ArgumentDefaultsHelpFormatter  # --help shows every default
+
+
 def build_parser() -> argparse.ArgumentParser:
     from .train import METHODS
 
@@ -286,7 +322,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--version", action="version", version=f"residual_fast {__version__}")
     sub = p.add_subparsers(dest="command", required=True)
 
-    d = sub.add_parser("demo", help="offline demo: base vs ResiDual on sklearn digits, with a report folder")
+    d = sub.add_parser("demo", formatter_class=HELP,
+                           help="offline demo: base vs ResiDual on sklearn digits, with a report folder")
     _model_args(d, image_size_default=64)
     d.add_argument("--variant", default="fine", choices=["coarse", "fine", "full"])
     d.add_argument("--epochs", type=positive_int, default=30)
@@ -295,20 +332,20 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--out", default="residual_fast_demo", help="report folder")
     d.set_defaults(func=cmd_demo)
 
-    c = sub.add_parser("calibrate", help="fit per-unit spectral bases by streaming a dataset")
+    c = sub.add_parser("calibrate", formatter_class=HELP, help="fit per-unit spectral bases by streaming a dataset")
     _model_args(c)
     _data_args(c)
     c.add_argument("--units", nargs="+", default=["head"], choices=["emb", "head", "mlp"])
     c.add_argument("--out", required=True, help="folder for the bases")
     c.set_defaults(func=cmd_calibrate)
 
-    k = sub.add_parser("cache", help="one ViT pass over a split, written as an activation cache")
+    k = sub.add_parser("cache", formatter_class=HELP, help="one ViT pass over a split, written as an activation cache")
     _model_args(k)
     _data_args(k)
     k.add_argument("--out", required=True, help="cache folder (an interrupted build resumes)")
     k.set_defaults(func=cmd_cache)
 
-    f = sub.add_parser("fit", help="train a method from caches (the ViT does not run)")
+    f = sub.add_parser("fit", formatter_class=HELP, help="train a method from caches (the ViT does not run)")
     _model_args(f)
     f.add_argument("--train-cache", required=True)
     f.add_argument("--val-cache", required=True)
@@ -322,13 +359,14 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--out", required=True)
     f.set_defaults(func=cmd_fit)
 
-    e = sub.add_parser("eval", help="top-1 accuracy of a fitted method on a cached split")
+    e = sub.add_parser("eval", formatter_class=HELP, help="top-1 accuracy of a fitted method on a cached split")
     _model_args(e)
     e.add_argument("--fit", required=True, help="folder written by `residual-fast fit`")
     e.add_argument("--cache", required=True, help="cache of the split to evaluate")
     e.set_defaults(func=cmd_eval)
 
-    b = sub.add_parser("bench", help="time plain forward vs ResiDualVisual vs the eager reference")
+    b = sub.add_parser("bench", formatter_class=HELP,
+                           help="time plain forward vs ResiDualVisual vs the eager reference")
     b.add_argument("--model", default="small", help="'small' or an open_clip name (random weights)")
     b.add_argument("--variant", default="fine", choices=["coarse", "fine", "full"])
     b.add_argument("--batch", type=positive_int, default=8)
@@ -337,7 +375,8 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     b.set_defaults(func=cmd_bench)
 
-    r = sub.add_parser("reproduce", help="the paper's grid of models x datasets x methods, for what loads here")
+    r = sub.add_parser("reproduce", formatter_class=HELP,
+                           help="the paper's grid of models x datasets x methods, for what loads here")
     r.add_argument("--models", nargs="+", default=["ViT-B-16/laion2b_s34b_b88k", "ViT-L-14/laion2b_s32b_b82k",
                                                     "ViT-B-16/openai", "ViT-L-14/openai",
                                                     "hf:Salesforce/blip-itm-large-flickr", "hf:facebook/dinov2-large",
@@ -355,7 +394,8 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--out", default="residual_fast_results")
     r.set_defaults(func=cmd_reproduce)
 
-    a = sub.add_parser("analyze", help="intrinsic dimension, head specialization, text decomposition, spectral "
+    a = sub.add_parser("analyze", formatter_class=HELP,
+                           help="intrinsic dimension, head specialization, text decomposition, spectral "
                                        "similarity: a report folder")
     a.add_argument("--model", default="ViT-B-32", help="open_clip name or rf.load name (hf:..., timm:...)")
     a.add_argument("--pretrained", action="store_true", help="load pretrained weights (needs network)")
@@ -373,6 +413,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     for sp in (d, c, k, f, e, r, a):
         sp.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    for sp in (d, c, k, f, e, b, r, a):  # a help line for every option, so --help shows its default
+        for action in sp._actions:
+            if action.option_strings and not action.help and action.default not in (None, argparse.SUPPRESS):
+                action.help = action.dest.replace("_", " ")
     return p
 
 

@@ -62,7 +62,7 @@ class LoadedModel:
     encode_text: Callable[[list[str]], torch.Tensor] | None
 
 
-def load(name: str, *, pretrained: bool = True, config=None, device: str | torch.device = "cpu",
+def load(name: str, *, pretrained: bool = True, config=None, device: str | torch.device = "cpu", seed: int = 0,
          **kwargs) -> LoadedModel:
     """Load a model by name.
 
@@ -72,7 +72,9 @@ def load(name: str, *, pretrained: bool = True, config=None, device: str | torch
     offline), ``timm:NAME`` (any timm ``VisionTransformer``; ``pretrained=False``
     builds random weights offline; ``kwargs`` go to ``timm.create_model``).
     The architecture is checked against the adapters: an unsupported one raises
-    :class:`residual_fast.UnsupportedModelError`.
+    :class:`residual_fast.UnsupportedModelError`. Random weights of every family are
+    drawn from ``seed`` (without touching the global RNG), so separate commands see
+    the same model.
     """
     from .models import get_adapter
 
@@ -83,7 +85,7 @@ def load(name: str, *, pretrained: bool = True, config=None, device: str | torch
     if prefix == "open_clip":
         arch, _, tag = rest.partition("/")
         model, preprocess, tokenizer = load_open_clip(arch, (tag or None) if pretrained else None, device=device,
-                                                      **kwargs)
+                                                      seed=seed, **kwargs)
 
         def encode_text(texts):
             return model.encode_text(tokenizer(texts).to(next(model.parameters()).device))
@@ -93,13 +95,20 @@ def load(name: str, *, pretrained: bool = True, config=None, device: str | torch
         import timm
 
         try:
-            model = timm.create_model(rest, pretrained=pretrained, **kwargs).to(device).eval()
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(seed)
+                model = timm.create_model(rest, pretrained=pretrained, **kwargs).to(device).eval()
         except Exception as e:  # noqa: BLE001
             raise RuntimeError(f"could not create timm model {rest!r} (pretrained={pretrained}): {e}") from e
         cfg = timm.data.resolve_data_config({}, model=model)
+        size = getattr(getattr(model, "patch_embed", None), "img_size", None)
+        if size is not None:  # an img_size= override: preprocess to the size the model takes
+            cfg["input_size"] = (cfg["input_size"][0], *tuple(size))
         loaded = LoadedModel(name, model, model, timm.data.create_transform(**cfg), None, None)
     else:
-        loaded = _load_hf(name, rest, pretrained, config, device)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            loaded = _load_hf(name, rest, pretrained, config, device)
     get_adapter(loaded.visual)  # refuses unsupported architectures with the reason
     return loaded
 

@@ -177,6 +177,14 @@ def test_load_by_name_offline():
     hf = rf.load("hf:random-clip", pretrained=False,
                  config=tf.CLIPConfig(text_config=TEXT, vision_config=VISION, projection_dim=40))
     assert isinstance(hf.model, tf.CLIPModel) and rf.get_adapter(hf.visual).family == "hf_clip"
+    # random weights are seeded for every family: two loads are the same model
+    tm2 = rf.load("timm:vit_tiny_patch16_224", pretrained=False, img_size=32, patch_size=8, depth=1)
+    hf2 = rf.load("hf:random-clip", pretrained=False,
+                  config=tf.CLIPConfig(text_config=TEXT, vision_config=VISION, projection_dim=40))
+    for a, b in ((tm, tm2), (hf, hf2)):
+        assert all(torch.equal(x, y) for x, y in zip(a.model.state_dict().values(), b.model.state_dict().values(),
+                                                     strict=True))
+    assert tuple(tm.preprocess(__import__("PIL").Image.new("RGB", (50, 40))).shape) == (3, 32, 32)
     with pytest.raises(ValueError, match="start with one of"):
         rf.load("ViT-B-32")
     with pytest.raises(RuntimeError, match="could not create timm model"):

@@ -244,7 +244,8 @@ def test_cli_errors_are_clear(tmp_path, capsys):
     assert "unknown open_clip model" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         cli_main(["fit", "--help"])
-    assert "--train-cache" in capsys.readouterr().out
+    help_text = capsys.readouterr().out
+    assert "--train-cache" in help_text and "(default: 30)" in help_text
 
 
 def test_cli_cache_fit_eval(tmp_path, capsys):

@@ -59,3 +59,26 @@ def test_reproduce_when_every_run_fails(tmp_path, capsys):
     assert "every run failed" in _one_error_line(capsys)
     rows = json.loads((tmp_path / "r" / "results.json").read_text())  # the printed path exists
     assert rows and all("error" in r for r in rows)
+
+
+def test_cli_accepts_timm_names(tmp_path, capsys):
+    """calibrate / cache / fit / eval take rf.load names (timm: here; random weights, offline)."""
+    model = ["--model", "timm:vit_tiny_patch16_224", "--image-size", "32"]
+    common = [*model, "--max-images", "24", "--no-progress"]
+    for split in ("train", "val"):
+        assert cli_main(["cache", "--split", split, "--out", str(tmp_path / split), *common]) == 0
+    assert cli_main(["calibrate", "--out", str(tmp_path / "bases"), *common]) == 0
+    fit = ["fit", *model, "--train-cache", str(tmp_path / "train"), "--val-cache", str(tmp_path / "val"),
+           "--method", "fine", "--epochs", "1", "--no-progress"]
+    assert cli_main([*fit, "--out", str(tmp_path / "fit")]) == 0
+    capsys.readouterr()
+    assert cli_main(["eval", *model, "--fit", str(tmp_path / "fit"), "--cache", str(tmp_path / "val")]) == 0
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["method"] == "fine"
+    assert cli_main([*fit, "--head", "zeroshot", "--out", str(tmp_path / "fit2")]) == 2
+    assert "no text tower" in _one_error_line(capsys)
+
+
+def test_bench_unknown_model_is_one_line(capsys):
+    assert cli_main(["bench", "--model", "ViT-Q-99", "--rounds", "1"]) == 2
+    line = _one_error_line(capsys)
+    assert "unknown model 'ViT-Q-99'" in line and len(line) < 300
