@@ -51,7 +51,7 @@ def main() -> None:
             with LiveBytes() as lb:
                 adapter = rf.ResiDual.from_bases(bases, variant)
             build = time.perf_counter() - start
-            own = sum(t.untyped_storage().nbytes() for t in list(adapter.parameters()) + list(adapter.buffers()))
+            own = weight_bytes(adapter)
             fused = rf.ResiDualVisual(visual, adapter)
             with torch.no_grad():
                 y = fused(x)

@@ -31,15 +31,12 @@ from torch import nn
 
 from .lean import LeanReadout, LeanSink, fold_lean
 from .models import fingerprint_mismatch, get_adapter
+from .ops.spectral_reweight import acc_dtype
 from .residual import ResiDual
 
 
 def _compiling() -> bool:
     return torch.compiler.is_compiling() or torch.compiler.is_exporting()
-
-
-def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
-    return dtype if dtype in (torch.float32, torch.float64) else torch.float32
 
 
 class _AdaptedEncoder(nn.Module):
@@ -109,7 +106,7 @@ class _AdaptedEncoder(nn.Module):
         self._check_model()
         self._walker.check_images(images)
         dtype = next(self.wrapped_visual.parameters()).dtype
-        acc = _acc_dtype(dtype)
+        acc = acc_dtype(dtype)
         lean = self._lean(dtype, acc, images.device)
         sink = LeanSink(lean, self._walker.readout(), images.shape[0], self._num_heads, acc, images.device,
                         self.backend)
@@ -180,7 +177,7 @@ class ResiDualVisual(_AdaptedEncoder):
         """
         self._check_model()
         dtype = next(self.wrapped_visual.parameters()).dtype
-        lean = self._fold().cast(dtype, _acc_dtype(dtype))
+        lean = self._fold().cast(dtype, acc_dtype(dtype))
         info = {"variant": self.adapter.variant, "fingerprint": self.adapter.fingerprint}
         return MergedResiDualVisual(self.wrapped_visual, lean, info, backend=self.backend)
 

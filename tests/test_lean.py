@@ -51,7 +51,7 @@ def test_construction_is_bounded_at_full_rank():
     bases = full_rank_bases(v, ("head", "mlp"))
     with LiveBytes() as lb:
         adapter = rf.ResiDual.from_bases(bases, "full")
-    own = sum(t.untyped_storage().nbytes() for t in list(adapter.parameters()) + list(adapter.buffers()))
+    own = weight_bytes(adapter)
     K = sum(sum(k) for k in adapter.ks().values())
     q_mlp, D = 256 + 2, 192
     assert lb.peak < 3 * own

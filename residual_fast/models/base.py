@@ -15,6 +15,7 @@ is written against these two objects only.
 
 from __future__ import annotations
 
+import functools
 import math
 import weakref
 from dataclasses import dataclass, field
@@ -202,7 +203,8 @@ _ROUNDING = {"float64": (2.0**-52, 0.0), "float32": (2.0**-23, 2.0**-149), "floa
 _SUM_NOISE = 1e-9  # float64 accumulation in another order (threads, devices), relative to sum |x|
 
 
-def _signs(period: int, device) -> torch.Tensor:
+@functools.cache
+def _signs(period: int, device: torch.device) -> torch.Tensor:
     g = torch.Generator().manual_seed(1000 + period)
     return (torch.randint(0, 2, (period, 3), generator=g) * 2 - 1).to(device=device, dtype=torch.float64)
 

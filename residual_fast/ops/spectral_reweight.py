@@ -74,7 +74,8 @@ def _check(Z, R, t, lam, B, offsets) -> None:
             raise TypeError(f"{name} must be a floating tensor, got {x.dtype}")
 
 
-def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
+def acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    """fp32 and fp64 accumulate in themselves, half precisions in fp32."""
     return dtype if dtype in (torch.float32, torch.float64) else torch.float32
 
 
@@ -89,13 +90,13 @@ def _coefficients(Z, R, t, offsets):
 
 
 def _torch_forward(Z, R, t, lam, B, offsets):
-    acc = _acc_dtype(Z.dtype)
+    acc = acc_dtype(Z.dtype)
     c = _coefficients(Z.to(acc), R.to(acc), t.to(acc), offsets)
     return ((c * lam.to(acc)) @ B.to(acc)).to(Z.dtype)
 
 
 def _torch_backward(grad, Z, R, t, lam, B, offsets):
-    acc = _acc_dtype(Z.dtype)
+    acc = acc_dtype(Z.dtype)
     Za, Ra, la = Z.to(acc), R.to(acc), lam.to(acc)
     c = _coefficients(Za, Ra, t.to(acc), offsets)
     gb = grad.to(acc) @ B.to(acc).T  # (n, K)
