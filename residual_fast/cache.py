@@ -36,6 +36,7 @@ from .serialization import (
     is_str,
     list_of,
     load_tensors,
+    may_be_absent,
     optional,
     read_json,
     safe_child,
@@ -76,7 +77,14 @@ class CachedSplit:
         return CachedSplit(*(getattr(self, f)[index] for f in (*FIELDS, "labels")))
 
 
-SHARD_SCHEMA = {"file": is_str, "n": is_int(1), "sha256": is_str}
+SHARD_SCHEMA = {"file": is_str, "n": is_int(1), "sha256": is_str, "start": may_be_absent(is_int(0))}
+PART_SCHEMA = {"rank": is_int(0), "world_size": is_int(2), "complete": is_bool, "seconds": is_float(0),
+               "shards": list_of(is_dict)}
+
+
+def part_name(rank: int, world: int) -> str:
+    """The per-rank manifest of a cache being built by ``world`` processes."""
+    return f"part-{rank:05d}-of-{world:05d}.json"
 
 
 class ActivationCache:
@@ -93,14 +101,9 @@ class ActivationCache:
         where = f"cache manifest {manifest}"
         check_meta(self.manifest, {"version": is_str, "fingerprint": is_dict, "complete": is_bool,
                                    "seconds": is_float(0), "source": optional(is_dict),
-                                   "shards": list_of(is_dict)}, where)
-        for i, shard in enumerate(self.manifest["shards"]):
-            check_meta(shard, SHARD_SCHEMA, f"{where}, shard {i}")
-            safe_child(self.path, shard["file"], f"{where}, shard {i}")
-        names = [s["file"] for s in self.manifest["shards"]]
-        if len(set(names)) != len(names):
-            raise CorruptFileError(f"{where}: a shard is listed twice")
-        if self.manifest["complete"] and not names:
+                                   "world_size": may_be_absent(is_int(1)), "shards": list_of(is_dict)}, where)
+        check_shards(self.manifest["shards"], self.path, where)
+        if self.manifest["complete"] and not self.manifest["shards"]:
             raise CorruptFileError(f"{where}: marked complete but lists no shards")
 
     @property
@@ -156,6 +159,24 @@ class ActivationCache:
         return CachedSplit(*(torch.cat([p[f] for p in parts]) for f in (*FIELDS, "labels")))
 
 
+def check_shards(shards: list[dict], folder: Path, where: str) -> None:
+    """Schema, safe names, no duplicates; global ``start`` indices, where recorded, tile ``[0, N)`` in order."""
+    for i, shard in enumerate(shards):
+        check_meta(shard, SHARD_SCHEMA, f"{where}, shard {i}")
+        safe_child(folder, shard["file"], f"{where}, shard {i}")
+    names = [s["file"] for s in shards]
+    if len(set(names)) != len(names):
+        raise CorruptFileError(f"{where}: a shard is listed twice")
+    starts = [s.get("start") for s in shards]
+    if any(v is not None for v in starts):
+        expected = 0
+        for i, shard in enumerate(shards):
+            if shard.get("start") != expected:
+                raise CorruptFileError(f"{where}, shard {i}: starts at image {shard.get('start')}, expected "
+                                       f"{expected} (shards must tile the dataset in order)")
+            expected += shard["n"]
+
+
 def _batch(batch) -> tuple[torch.Tensor, torch.Tensor]:
     if isinstance(batch, (tuple, list)) and len(batch) >= 2:
         return batch[0], torch.as_tensor(batch[1])
@@ -174,7 +195,8 @@ def source_difference(saved: dict | None, now: dict | None) -> str | None:
 
 @torch.no_grad()
 def build_cache(visual: nn.Module, batches: Iterable, path: str | os.PathLike, *, dtype: torch.dtype | None = None,
-                resume: bool = True, progress: bool = True, source: dict | None = None) -> ActivationCache:
+                resume: bool = True, progress: bool = True, source: dict | None = None,
+                process_group=None) -> ActivationCache:
     """One pass of ``visual`` over ``batches`` of ``(images, labels)``, written to the folder ``path``.
 
     The loader must yield the same batches in the same order on every run (no
@@ -183,21 +205,27 @@ def build_cache(visual: nn.Module, batches: Iterable, path: str | os.PathLike, *
     recorded, and an existing cache built from another source is refused, naming
     the difference, instead of being resumed or returned. ``dtype`` stores
     activations in another precision (default: the model's).
+
+    With ``process_group`` (a ``torch.distributed`` group) every rank passes its
+    own contiguous block of the data, in rank order (as
+    :func:`residual_fast.distributed.shard_range` gives), and writes its shards
+    into the same folder (shared by all nodes) with a per-rank manifest, so an
+    interrupted build resumes rank by rank (with the same number of processes);
+    rank 0 then writes one manifest whose shards carry their global index ranges,
+    and :meth:`ActivationCache.load` returns the rows in the dataset's order.
     """
+    from .distributed import active
+
+    if active(process_group):
+        return _build_cache_distributed(visual, batches, Path(path), dtype=dtype, resume=resume, progress=progress,
+                                        source=source, group=process_group)
     adapter = get_adapter(visual)
-    spec = adapter.spec()
     folder = Path(path)
     folder.mkdir(parents=True, exist_ok=True)
-    fingerprint = spec.fingerprint()
+    fingerprint = adapter.spec().fingerprint()
     manifest_path = folder / MANIFEST
     if manifest_path.is_file():
-        existing = ActivationCache(folder)
-        why = fingerprint_mismatch(existing.manifest["fingerprint"], fingerprint)
-        if why:
-            raise ValueError(f"{folder} holds a cache of another model ({why}); use a new folder")
-        diff = source_difference(existing.manifest.get("source"), source)
-        if diff:
-            raise ValueError(f"{folder} holds a cache of other data or loader settings ({diff}); use a new folder")
+        existing = _check_existing(folder, fingerprint, source, world=1)
         if existing.complete:
             return existing
         if not resume:
@@ -207,7 +235,35 @@ def build_cache(visual: nn.Module, batches: Iterable, path: str | os.PathLike, *
         manifest = {"kind": "activation_cache", "version": __version__, "fingerprint": fingerprint,
                     "shards": [], "complete": False, "seconds": 0.0, "source": source}
         write_json_atomic(manifest_path, manifest)
-    done = len(manifest["shards"])
+    _cache_batches(adapter, batches, folder, manifest, manifest_path, "shard-{i:06d}.safetensors", dtype, progress)
+    if not manifest["shards"]:
+        raise ValueError("no batches: the data to cache is empty")
+    manifest["complete"] = True
+    write_json_atomic(manifest_path, manifest)
+    return ActivationCache(folder)
+
+
+def _check_existing(folder: Path, fingerprint: dict, source: dict | None, world: int) -> ActivationCache:
+    """An existing cache folder may be returned or resumed only for the same model, data and process count."""
+    existing = ActivationCache(folder)
+    why = fingerprint_mismatch(existing.manifest["fingerprint"], fingerprint)
+    if why:
+        raise ValueError(f"{folder} holds a cache of another model ({why}); use a new folder")
+    diff = source_difference(existing.manifest.get("source"), source)
+    if diff:
+        raise ValueError(f"{folder} holds a cache of other data or loader settings ({diff}); use a new folder")
+    started = existing.manifest.get("world_size", 1)
+    if not existing.complete and started != world:
+        raise ValueError(f"{folder} holds a partial cache started by {started} process(es); resume it with "
+                         f"{started} (this run has {world}) or use a new folder")
+    return existing
+
+
+def _cache_batches(adapter, batches: Iterable, folder: Path, record: dict, record_path: Path, pattern: str,
+                   dtype: torch.dtype | None, progress: bool) -> None:
+    """Write one checksummed shard per batch, skipping the batches ``record`` already lists; ``record`` is
+    rewritten atomically after every shard (so a kill leaves whole shards and a consistent record)."""
+    done = len(record["shards"])
     device = next(adapter.visual.parameters()).device
     total = len(batches) if hasattr(batches, "__len__") else None
     start = time.perf_counter()
@@ -221,34 +277,109 @@ def build_cache(visual: nn.Module, batches: Iterable, path: str | os.PathLike, *
                                  "every image needs one label")
             if labels.is_floating_point() or labels.is_complex() or (labels.numel() and int(labels.min()) < 0):
                 raise ValueError(f"batch {i}: labels must be class indices >= 0, got {labels[:8].tolist()}")
+            if labels.numel() == 0:
+                raise ValueError(f"batch {i} is empty")
             acts = capture(adapter, images.to(device, non_blocking=True))
             check_finite_batch(acts, i, "caching")
             tensors = {"emb": acts.emb_raw, "attn": acts.attn_raw, "mlp": acts.mlp_raw, "z": acts.z,
                        "output": acts.output}
             tensors = {k: (v.to(dtype) if dtype else v).contiguous().cpu() for k, v in tensors.items()}
             tensors["labels"] = labels.long().contiguous().cpu()
-            name = f"shard-{i:06d}.safetensors"
+            name = pattern.format(i=i)
             tmp = folder / (name + ".tmp")
             save_file(tensors, str(tmp))
             digest = sha256_file(tmp)
             os.replace(tmp, folder / name)
-            manifest["shards"].append({"file": name, "n": int(labels.shape[0]), "sha256": digest})
-            manifest["seconds"] = manifest.get("seconds", 0.0) + (time.perf_counter() - start)
+            record["shards"].append({"file": name, "n": int(labels.shape[0]), "sha256": digest})
+            record["seconds"] = record.get("seconds", 0.0) + (time.perf_counter() - start)
             start = time.perf_counter()
+            write_json_atomic(record_path, record)
+
+
+def _build_cache_distributed(visual: nn.Module, batches: Iterable, folder: Path, *, dtype, resume: bool,
+                             progress: bool, source: dict | None, group) -> ActivationCache:
+    from .distributed import barrier, gather_objects, raise_if_any, rank_and_size
+
+    rank, world = rank_and_size(group)
+    adapter = get_adapter(visual)
+    fingerprint = adapter.spec().fingerprint()
+    for r, other in enumerate(gather_objects(fingerprint, group)):
+        why = fingerprint_mismatch(other, fingerprint)
+        if why:
+            raise ValueError(f"the ranks hold different models (rank {r}: {why})")
+    manifest_path = folder / MANIFEST
+    error, complete = None, False
+    if rank == 0:  # the shared manifest: checked (or created) once, before any rank writes
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+            if manifest_path.is_file():
+                existing = _check_existing(folder, fingerprint, source, world)
+                complete = existing.complete
+                if not complete and not resume:
+                    raise FileExistsError(f"{folder} holds a partial cache; pass resume=True or use a new folder")
+            else:
+                write_json_atomic(manifest_path, {"kind": "activation_cache", "version": __version__,
+                                                  "fingerprint": fingerprint, "shards": [], "complete": False,
+                                                  "seconds": 0.0, "source": source, "world_size": world})
+        except Exception as e:  # noqa: BLE001 - re-raised below, on every rank
+            error = e
+    raise_if_any(error, group)
+    if gather_objects(complete, group)[0]:
+        return ActivationCache(folder)
+    part_path = folder / part_name(rank, world)
+    try:
+        if part_path.is_file():
+            part = read_json(part_path, "cache part manifest")
+            check_meta(part, PART_SCHEMA, f"cache part manifest {part_path}")
+            check_shards(part["shards"], folder, f"cache part manifest {part_path}")
+            if (part["rank"], part["world_size"]) != (rank, world):
+                raise CorruptFileError(f"{part_path} belongs to rank {part['rank']} of {part['world_size']}")
+        else:
+            part = {"rank": rank, "world_size": world, "complete": False, "seconds": 0.0, "shards": []}
+            write_json_atomic(part_path, part)
+        if not part["complete"]:
+            _cache_batches(adapter, batches, folder, part, part_path, f"shard-r{rank:05d}-{{i:06d}}.safetensors",
+                           dtype, progress and rank == 0)
+            part["complete"] = True
+            write_json_atomic(part_path, part)
+        error = None
+    except Exception as e:  # noqa: BLE001 - re-raised below, on every rank
+        error = e
+    raise_if_any(error, group)
+    parts = gather_objects(part, group)
+    if rank == 0:
+        try:
+            shards, offset = [], 0
+            for p in parts:
+                for shard in p["shards"]:
+                    shards.append({**shard, "start": offset})
+                    offset += shard["n"]
+            if not shards:
+                raise ValueError("no batches: the data to cache is empty")
+            manifest = read_json(manifest_path, "cache manifest")
+            manifest.update(shards=shards, complete=True, seconds=max(p["seconds"] for p in parts))
             write_json_atomic(manifest_path, manifest)
-    if not manifest["shards"]:
-        raise ValueError("no batches: the data to cache is empty")
-    manifest["complete"] = True
-    write_json_atomic(manifest_path, manifest)
+            for r in range(world):
+                (folder / part_name(r, world)).unlink(missing_ok=True)
+        except Exception as e:  # noqa: BLE001 - re-raised below, on every rank
+            error = e
+    raise_if_any(error, group)
+    barrier(group)
     return ActivationCache(folder)
 
 
 def fit_bases_from_cache(cache: ActivationCache, visual: nn.Module, units=("head",), *, rtol: float = 1e-10,
-                         progress: bool = True) -> SpectralBases:
-    """Exact bases from a cache (the same moments as :func:`residual_fast.fit_bases`, no ViT pass)."""
+                         progress: bool = True, process_group=None) -> SpectralBases:
+    """Exact bases from a cache (the same moments as :func:`residual_fast.fit_bases`, no ViT pass).
+
+    With ``process_group`` each rank reads a contiguous block of the shards and the moments are all-reduced.
+    """
+    from .distributed import shard_range
+
     cache.check_model(visual)
     moments = UnitMoments(get_adapter(visual).spec(), _check_kinds(units))
-    for acts, _ in tqdm(cache.iter_shards(), total=len(cache.manifest["shards"]), desc="calibrating from cache",
-                        disable=not progress):
-        moments.update(acts)
-    return moments.bases(rtol)
+    lo, hi = shard_range(len(cache.manifest["shards"]), process_group)
+    for i in tqdm(range(lo, hi), desc="calibrating from cache", disable=not progress):
+        t = cache.shard_tensors(i)
+        moments.update(Activations.from_tensors(*(t[f] for f in FIELDS)))
+    return moments.all_reduce(process_group).bases(rtol)

@@ -12,6 +12,10 @@
 Models are open_clip names (``ViT-B-32``), optionally ``name/pretrained-tag``;
 without a tag the weights are random (works offline). Run any command with
 ``--help`` for its options.
+
+Scale out with ``torchrun --nproc_per_node N -m residual_fast <command> ...``
+(calibrate, cache, fit, eval, analyze, reproduce): each rank reads a disjoint
+block of the data; rank 0 prints and writes the outputs.
 """
 
 from __future__ import annotations
@@ -102,16 +106,26 @@ def _load(args):
 
 
 def _loader(args, preprocess):
+    """The split's loader; under torchrun, over this rank's contiguous block of it."""
     from torch.utils.data import DataLoader, Subset
 
     from .data.splits import stratified_subset
+    from .distributed import shard_range
     from .pipeline import load_splits
 
     data, idx = load_splits(args.dataset, root=args.root, transform=preprocess, seed=args.seed)[args.split]
     if args.max_images is not None:  # every class keeps its share (the split is sorted by class)
         idx = stratified_subset(data.labels, idx, args.max_images, seed=args.seed)
-    return data, DataLoader(Subset(data.dataset, idx.tolist()), batch_size=args.batch_size, shuffle=False,
+    lo, hi = shard_range(idx.numel(), args.process_group, args.batch_size)
+    return data, DataLoader(Subset(data.dataset, idx[lo:hi].tolist()), batch_size=args.batch_size, shuffle=False,
                             num_workers=args.workers)
+
+
+def _main_rank(args) -> bool:
+    """Only rank 0 prints results and writes the outputs every rank computed alike."""
+    from .distributed import is_main
+
+    return is_main(args.process_group)
 
 
 def _source(args) -> dict:
@@ -147,9 +161,11 @@ def cmd_calibrate(args) -> None:
 
     model, preprocess, _ = _load(args)
     _, loader = _loader(args, preprocess)
-    bases = fit_bases(model.visual, loader, units=tuple(args.units), progress=not args.no_progress)
-    bases.save(args.out)
-    print(json.dumps({"out": args.out, **bases.summary()}, indent=1))
+    bases = fit_bases(model.visual, loader, units=tuple(args.units), progress=not args.no_progress,
+                      process_group=args.process_group)
+    if _main_rank(args):
+        bases.save(args.out)
+        print(json.dumps({"out": args.out, **bases.summary()}, indent=1))
 
 
 def cmd_cache(args) -> None:
@@ -163,8 +179,10 @@ def cmd_cache(args) -> None:
             raise UserError(f"{args.out} holds a cache of other data or loader settings ({diff}); use a new folder")
     model, preprocess, _ = _load(args)
     _, loader = _loader(args, preprocess)
-    cache = build_cache(model.visual, loader, args.out, progress=not args.no_progress, source=source)
-    print(json.dumps({"out": args.out, "images": cache.num_images, "seconds": round(cache.seconds, 3)}))
+    cache = build_cache(model.visual, loader, args.out, progress=not args.no_progress, source=source,
+                        process_group=args.process_group)
+    if _main_rank(args):
+        print(json.dumps({"out": args.out, "images": cache.num_images, "seconds": round(cache.seconds, 3)}))
 
 
 def _save_head(head, folder: Path) -> None:
@@ -218,9 +236,12 @@ def cmd_fit(args) -> None:
     if args.method in ("coarse", "fine", "full"):
         units = ("head", "mlp") if args.method == "full" else ("head",)
         bases = (SpectralBases.load(args.bases, model.visual) if args.bases
-                 else fit_bases_from_cache(train_cache, model.visual, units, progress=not args.no_progress))
+                 else fit_bases_from_cache(train_cache, model.visual, units, progress=not args.no_progress,
+                                           process_group=args.process_group))
     module, result = fit_method(args.method, train, val, head, bases=bases, epochs=args.epochs, seed=args.seed,
-                                progress=not args.no_progress)
+                                progress=not args.no_progress, process_group=args.process_group)
+    if not _main_rank(args):
+        return
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     _save_head(head, out)
@@ -262,8 +283,9 @@ def cmd_eval(args) -> None:
         state = load_tensors(fit_dir / "module.safetensors")
         module = LinearAdapter(split.output.shape[1]) if method == "linear" else OutputSpectralAdapter(split.output)
         module.load_state_dict(state)
-    acc = evaluate(method_forward(method, module), split, head)
-    print(json.dumps({"method": method, "images": len(split), "accuracy": acc}))
+    acc = evaluate(method_forward(method, module), split, head, process_group=args.process_group)
+    if _main_rank(args):
+        print(json.dumps({"method": method, "images": len(split), "accuracy": acc}))
 
 
 def cmd_bench(args) -> None:
@@ -285,13 +307,18 @@ def cmd_reproduce(args) -> None:
 
     rows = reproduce(args.models, args.datasets, args.methods, args.out, root=args.root, epochs=args.epochs,
                      seed=args.seed, batch_size=args.batch_size, workers=args.workers, max_images=args.max_images,
-                     progress=not args.no_progress)
-    print("| model | weights | dataset | method | parameters | accuracy | note |")
-    print("|---|---|---|---|---|---|---|")
+                     progress=not args.no_progress, bases_dataset=None if args.bases_dataset == "none" else
+                     args.bases_dataset, bases_images=args.bases_images, process_group=args.process_group,
+                     device=args.device)
+    if not _main_rank(args):
+        return
+    print("| model | weights | dataset | method | parameters | accuracy | bases | note |")
+    print("|---|---|---|---|---|---|---|---|")
     for r in rows:
         acc = f"{r['accuracy']:.4f}" if "accuracy" in r else "-"
+        bases = f"{r['bases']} ({r['bases_images']} images)" if "bases" in r else "-"
         print(f"| {r['model']} | {r['weights']} | {r['dataset']} | {r['method']} | "
-              f"{r.get('trainable_parameters', '-')} | {acc} | {r.get('error', '')} |")
+              f"{r.get('trainable_parameters', '-')} | {acc} | {bases} | {r.get('error', r.get('bases_note', ''))} |")
     print(f"results: {args.out}/results.json, results.csv")
     if rows and all("error" in r for r in rows):
         raise UserError(f"every run failed (errors in {args.out}/results.json)")
@@ -304,7 +331,9 @@ def cmd_analyze(args) -> None:
     analyze(args.model, args.datasets, args.out, root=args.root, max_images=args.max_images,
             twonn_samples=args.twonn_samples, id_threshold=args.id_threshold, seed=args.seed,
             batch_size=args.batch_size, progress=not args.no_progress, pretrained=args.pretrained,
-            image_size=args.image_size)
+            image_size=args.image_size, process_group=args.process_group, device=args.device)
+    if not _main_rank(args):
+        return
     print((Path(args.out) / "report.md").read_text())
     print(f"report folder: {args.out} (report.md, metrics.json, heads.csv, per-dataset PNG heatmaps)")
 
@@ -389,6 +418,13 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--batch-size", type=positive_int, default=128)
     r.add_argument("--workers", type=non_negative_int, default=0)
     r.add_argument("--max-images", type=positive_int, default=None, help="cap per split (quick runs)")
+    r.add_argument("--bases-dataset", default="imagenet",
+                   help="calibration set of the bases, fitted once per model and reused for every target (the "
+                        "paper's protocol); falls back to the first target's train split when it is not "
+                        "available; 'none' fits them on each target's train split")
+    r.add_argument("--bases-images", type=positive_int, default=10_000,
+                   help="images of --bases-dataset's train split (seeded, stratified)")
+    r.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     r.add_argument("--out", default="residual_fast_results")
     r.set_defaults(func=cmd_reproduce)
 
@@ -406,6 +442,7 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--id-threshold", type=float, default=0.99, help="cumulative EVR for the linear ID")
     a.add_argument("--seed", type=int, default=0)
     a.add_argument("--batch-size", type=positive_int, default=128)
+    a.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     a.add_argument("--out", default="residual_fast_analysis")
     a.set_defaults(func=cmd_analyze)
 
@@ -418,6 +455,7 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+DISTRIBUTED = ("calibrate", "cache", "fit", "eval", "analyze", "reproduce")
 USER_ERRORS = (UserError, ValueError, TypeError, KeyError, RuntimeError, OSError, ModuleNotFoundError,
                FloatingPointError)
 
@@ -429,8 +467,15 @@ def main(argv: list[str] | None = None) -> int:
     """
     import os
 
+    from .distributed import init_from_env, launched_by_torchrun
+
     args = build_parser().parse_args(argv)
+    args.process_group = None
     try:
+        if launched_by_torchrun():
+            if args.command not in DISTRIBUTED:
+                raise UserError(f"{args.command} does not run under torchrun; it runs in one process")
+            args.process_group, args.device = init_from_env(args.device)
         args.func(args)
     except KeyboardInterrupt:
         print(f"residual-fast {args.command}: interrupted", file=sys.stderr)
@@ -449,6 +494,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"residual-fast {args.command}: internal error ({type(e).__name__}: {e}); rerun with "
               "RESIDUAL_FAST_DEBUG=1 for the traceback", file=sys.stderr)
         return 1
+    finally:
+        if args.process_group is not None:
+            import torch.distributed as dist
+
+            dist.destroy_process_group()
     return 0
 
 

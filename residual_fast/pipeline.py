@@ -21,6 +21,7 @@ from .data.datasets import dataset_slug
 from .decompose import eval_mode
 from .loading import load, load_open_clip
 from .report import plot_lambdas, plot_spectra, write_results
+from .spectral import SpectralBases, fit_bases
 from .train import METHODS, evaluate, fit_method, method_forward
 
 SPLIT_FRACTIONS = {"train": 0.6, "val": 0.1, "test": 0.3}
@@ -56,19 +57,26 @@ def load_splits(name: str, *, root: str | None = None, transform=None, seed: int
 
 
 def cache_splits(visual: nn.Module, parts: dict, folder: Path, *, batch_size: int = 128, workers: int = 0,
-                 max_images: int | None = None, progress: bool = True, seed: int = 0) -> PreparedData:
-    """One cache per split under ``folder``; ``max_images`` keeps a seeded, stratified subset of each."""
+                 max_images: int | None = None, progress: bool = True, seed: int = 0,
+                 process_group=None) -> PreparedData:
+    """One cache per split under ``folder``; ``max_images`` keeps a seeded, stratified subset of each.
+
+    With ``process_group`` every rank caches its contiguous block of each split into the shared folder.
+    """
     from .data.splits import stratified_subset
+    from .distributed import shard_range
 
     caches = {}
     for split, (data, idx) in parts.items():
         if max_images is not None:
             idx = stratified_subset(data.labels, idx, max_images, seed=seed)
-        loader = DataLoader(Subset(data.dataset, idx.tolist()), batch_size=batch_size, shuffle=False,
+        lo, hi = shard_range(idx.numel(), process_group, batch_size)
+        loader = DataLoader(Subset(data.dataset, idx[lo:hi].tolist()), batch_size=batch_size, shuffle=False,
                             num_workers=workers)
         source = {"dataset": data.name, "split": split, "seed": seed, "max_images": max_images,
                   "images": int(idx.numel()), "batch_size": batch_size}
-        caches[split] = build_cache(visual, loader, folder / split, progress=progress, source=source)
+        caches[split] = build_cache(visual, loader, folder / split, progress=progress, source=source,
+                                    process_group=process_group)
     splits = {k: c.load() for k, c in caches.items()}
     return PreparedData(caches, splits, {k: len(v) for k, v in splits.items()})
 
@@ -84,8 +92,12 @@ def time_plain_pass(visual: nn.Module, images: torch.Tensor, batch_size: int) ->
 
 
 def run_methods(methods, data: PreparedData, head: Classifier, visual: nn.Module, *, epochs: int, seed: int,
-                progress: bool, info: dict) -> tuple[list[dict], dict]:
-    """Fit every method from the caches and evaluate it on the test split."""
+                progress: bool, info: dict, bases=None, process_group=None) -> tuple[list[dict], dict]:
+    """Fit every method from the caches and evaluate it on the test split.
+
+    ``bases`` (fitted on a calibration set, as the paper does) are used by every ResiDual variant;
+    without them each variant's bases are fitted on the train cache.
+    """
     rows, modules = [], {}
     bases_cache = {}
     for method in methods:
@@ -93,20 +105,28 @@ def run_methods(methods, data: PreparedData, head: Classifier, visual: nn.Module
             raise ValueError(f"unknown method {method!r}; choose from {METHODS}")
         start = time.perf_counter()
         bases = None
-        if method in ("coarse", "fine", "full"):
+        if method in ("coarse", "fine", "full") and bases is not None:
+            units = ("head", "mlp") if method == "full" else ("head",)
+            if not set(units) <= set(bases.units):
+                raise ValueError(f"method {method!r} needs bases of {units}, the given ones cover {bases.units}")
+            bases_m = bases
+        elif method in ("coarse", "fine", "full"):
             units = ("head", "mlp") if method == "full" else ("head",)
             if units not in bases_cache:
-                bases_cache[units] = fit_bases_from_cache(data.caches["train"], visual, units, progress=progress)
-            bases = bases_cache[units]
+                bases_cache[units] = fit_bases_from_cache(data.caches["train"], visual, units, progress=progress,
+                                                          process_group=process_group)
+            bases_m = bases_cache[units]
+        else:
+            bases_m = None
         calib = time.perf_counter() - start
-        module, res = fit_method(method, data.splits["train"], data.splits["val"], head, bases=bases, epochs=epochs,
-                                 seed=seed, progress=progress)
-        acc = evaluate(method_forward(method, module), data.splits["test"], head)
+        module, res = fit_method(method, data.splits["train"], data.splits["val"], head, bases=bases_m,
+                                 epochs=epochs, seed=seed, progress=progress, process_group=process_group)
+        acc = evaluate(method_forward(method, module), data.splits["test"], head, process_group=process_group)
         rows.append({**info, "method": method, "trainable_parameters": res.trainable_parameters, "accuracy": acc,
                      "val_accuracy": res.best_val_accuracy, "best_epoch": res.best_epoch,
                      "fit_seconds": calib + res.seconds, "calibration_seconds": calib,
                      "train_seconds": res.seconds, "cache_seconds": data.caches["train"].seconds})
-        modules[method] = (module, bases)
+        modules[method] = (module, bases_m)
     return rows, modules
 
 
@@ -189,26 +209,77 @@ def _demo_analysis(data: PreparedData, bases, head: Classifier, seed: int) -> li
     ]
 
 
+BASES_DATASET = "imagenet"
+BASES_IMAGES = 10_000  # 10 per ImageNet class, stratified and seeded; set bases_images to change it
+
+
+def calibration_bases(loaded, units: tuple[str, ...], dataset: str, *, images: int | None, root: str | None,
+                      seed: int, batch_size: int, workers: int, progress: bool, process_group=None
+                      ) -> tuple[SpectralBases, dict]:
+    """Bases streamed from ``dataset``'s train split (a seeded stratified subset of ``images``), sharded over
+    ``process_group``; returns them and a description of the calibration set for the results."""
+    from .data.splits import stratified_subset
+    from .distributed import shard_range
+
+    data = load_dataset(dataset, "train", root=root, transform=loaded.preprocess, download=dataset != "imagenet")
+    idx = torch.arange(len(data))
+    if images is not None:
+        idx = stratified_subset(data.labels, idx, images, seed=seed)
+    lo, hi = shard_range(idx.numel(), process_group, batch_size)
+    loader = DataLoader(Subset(data.dataset, idx[lo:hi].tolist()), batch_size=batch_size, shuffle=False,
+                        num_workers=workers)
+    bases = fit_bases(loaded.visual, loader, units, progress=progress, process_group=process_group)
+    return bases, {"bases": f"{dataset} train", "bases_images": int(idx.numel())}
+
+
 def reproduce(models: list[str], datasets: list[str], methods: list[str], out: str | Path, *, root: str | None = None,
               epochs: int = 30, seed: int = 0, batch_size: int = 128, workers: int = 0,
-              max_images: int | None = None, progress: bool = True) -> list[dict]:
+              max_images: int | None = None, progress: bool = True, bases_dataset: str | None = BASES_DATASET,
+              bases_images: int | None = BASES_IMAGES, process_group=None,
+              device: str | torch.device = "cpu") -> list[dict]:
     """The paper's grid for whatever models and datasets load here; failures are recorded, not fatal.
 
     ``models``: open_clip ``ARCH[/TAG]`` (no tag: random weights) or any :func:`residual_fast.load` name
     (``hf:...``, ``timm:...``, loaded pretrained). Models with a text tower get a zero-shot head, the others a
     prototype head.
+
+    The paper's protocol: each model's spectral bases are fitted once, on ``bases_images`` images of
+    ``bases_dataset``'s train split (default ImageNet train), and reused for every target dataset. When that
+    dataset cannot be loaded here (ImageNet is never downloaded), the first target's train split is used
+    instead; every row records which (``bases``, ``bases_images``, ``bases_note``). ``bases_dataset=None``
+    fits them on each target's own train split.
+
+    With ``process_group`` (``torchrun``) the caches and the calibration are sharded over the ranks, fits are
+    data parallel, and only rank 0 writes the results.
     """
+    from .distributed import is_main
+
     out = Path(out)
     rows = []
+    main = is_main(process_group)
+    write = (lambda: write_results(rows, out)) if main else (lambda: None)
+    adapted = [m for m in methods if m in ("coarse", "fine", "full")]
+    units = ("head", "mlp") if "full" in adapted else ("head",)
     for spec in models:
         name, tag = (spec, "pretrained") if ":" in spec else (spec.partition("/")[0], spec.partition("/")[2])
         try:
-            loaded = load(spec if ":" in spec else f"open_clip:{spec}", pretrained=":" in spec or bool(tag))
+            loaded = load(spec if ":" in spec else f"open_clip:{spec}", pretrained=":" in spec or bool(tag),
+                          device=device)
         except Exception as e:  # noqa: BLE001
             rows.append({"model": name, "weights": tag or "random", "dataset": "-", "method": "-",
                          "error": str(e)})
-            write_results(rows, out)
+            write()
             continue
+        bases, bases_info = None, {}
+        if adapted and bases_dataset is not None:
+            try:
+                bases, bases_info = calibration_bases(loaded, units, bases_dataset, images=bases_images, root=root,
+                                                      seed=seed, batch_size=batch_size, workers=workers,
+                                                      progress=progress and main, process_group=process_group)
+            except Exception as e:  # noqa: BLE001 - fall back to the first target, and say so
+                bases_info = {"bases_note": f"{bases_dataset} unavailable ({type(e).__name__}: "
+                                            f"{str(e).strip().splitlines()[0] if str(e).strip() else ''}); "
+                                            "fitted on the first target's train split instead"}
         for dname in datasets:
             info = {"model": name, "weights": tag or "random", "dataset": dname}
             try:
@@ -216,22 +287,31 @@ def reproduce(models: list[str], datasets: list[str], methods: list[str], out: s
                 train = parts["train"][0]
                 data = cache_splits(loaded.visual, parts, out / "cache" / name.replace(":", "_").replace("/", "_")
                                     / (tag or "random") / dataset_slug(dname), batch_size=batch_size,
-                                    workers=workers, max_images=max_images, progress=progress, seed=seed)
+                                    workers=workers, max_images=max_images, progress=progress and main, seed=seed,
+                                    process_group=process_group)
+                if adapted and bases is None and bases_dataset is not None:  # the fallback: first target's train
+                    bases = fit_bases_from_cache(data.caches["train"], loaded.visual, units, progress=False,
+                                                 process_group=process_group)
+                    bases_info = {**bases_info, "bases": f"{dname} train", "bases_images": len(data.caches["train"])}
                 if loaded.encode_text is not None:  # zero-shot head from the text tower
                     scale = getattr(loaded.model, "logit_scale", None)
                     with torch.no_grad():
                         head = text_head(loaded.encode_text, train.classnames, train.templates,
                                          logit_scale=scale.exp().item() if scale is not None else 100.0,
-                                         progress=progress)
+                                         progress=progress and main)
                 else:  # no text tower (DINOv2, supervised ViT): class means of the train outputs
                     head = prototype_head(data.splits["train"].output, data.splits["train"].labels,
                                           len(train.classnames))
                 info["head"] = "zeroshot" if loaded.encode_text is not None else "prototype"
+                if adapted:
+                    info.update(bases_info if bases_dataset is not None else
+                                {"bases": f"{dname} train", "bases_images": len(data.caches["train"])})
                 got, _ = run_methods(methods, data, head, loaded.visual, epochs=epochs, seed=seed,
-                                     progress=progress, info=info)
+                                     progress=progress and main, info=info, bases=bases,
+                                     process_group=process_group)
                 rows.extend(got)
             except Exception as e:  # noqa: BLE001 - keep going through the grid
                 rows.append({**info, "method": "-", "error": f"{type(e).__name__}: {e}"})
-            write_results(rows, out)
-    write_results(rows, out)  # also when nothing ran: the printed path always exists
+            write()
+    write()  # also when nothing ran: the printed path always exists
     return rows

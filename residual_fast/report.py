@@ -12,7 +12,7 @@ from .residual import ResiDual
 from .spectral import SpectralBases
 
 RESULT_FIELDS = ("model", "weights", "dataset", "method", "trainable_parameters", "accuracy", "fit_seconds",
-                 "cache_seconds")
+                 "cache_seconds", "bases", "bases_images")
 
 
 def write_results(rows: list[dict], folder: str | Path) -> None:

@@ -166,12 +166,24 @@ def optional(check: Check) -> Check:
     return lambda v: None if v is None else check(v)
 
 
+def may_be_absent(check: Check) -> Check:
+    """A key that older files do not have (absent or ``None``), checked when present."""
+
+    def run(v):
+        return None if v is None else check(v)
+
+    run.may_be_absent = True
+    return run
+
+
 def check_meta(meta: dict, schema: dict[str, Check], where: str) -> None:
     """Raise :class:`CorruptFileError` naming ``where`` and the key when ``meta`` breaks ``schema``."""
     if not isinstance(meta, dict):
         raise CorruptFileError(f"{where}: metadata must be a JSON object")
     for key, check in schema.items():
         if key not in meta:
+            if getattr(check, "may_be_absent", False):
+                continue
             raise CorruptFileError(f"{where}: metadata has no {key!r}")
         why = check(meta[key])
         if why:

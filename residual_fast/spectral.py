@@ -76,6 +76,29 @@ class StreamingMoments:
         self.mean += delta * (n / tot)
         self.count = tot
 
+    def all_reduce(self, group) -> StreamingMoments:
+        """Replace these moments by those of the union of every rank's data (exact parallel merge, float64).
+
+        ``mean = sum_r n_r mean_r / N`` and ``M2 = sum_r [M2_r + n_r (mean_r - mean)(mean_r - mean)^T]``
+        (Chan et al.'s pairwise update, all pairs at once); rank 0's result is broadcast so every rank
+        holds bitwise the same moments.
+        """
+        from .distributed import active, all_reduce_count, all_reduce_sum, broadcast_tensor
+
+        if not active(group):
+            return self
+        total = all_reduce_count(self.count, group)
+        if total == 0:
+            return self
+        mean = all_reduce_sum(self.mean * self.count, group) / total
+        if self.m2 is not None:
+            d = self.mean - mean
+            m2 = all_reduce_sum(self.m2 + torch.einsum("uq,ur->uqr", d, d) * self.count, group)
+            self.m2 = broadcast_tensor(m2, group)
+        self.mean = broadcast_tensor(mean, group)
+        self.count = total
+        return self
+
     def covariance(self) -> torch.Tensor:
         if self.count < 2:
             raise ValueError(f"need at least 2 samples for a covariance, have {self.count}")
@@ -113,6 +136,19 @@ class UnitMoments:
             raise ValueError(f"cannot merge moments of units {other.units} into {self.units}")
         for kind in UNIT_KINDS:
             self.moments[kind].merge(other.moments[kind])
+        return self
+
+    def all_reduce(self, group) -> UnitMoments:
+        """Merge the moments of every rank of ``group`` (a ``torch.distributed`` group) into each rank's."""
+        from .distributed import active, gather_objects
+
+        if active(group):
+            for rank, other in enumerate(gather_objects(self.fingerprint, group)):
+                why = fingerprint_mismatch(other, self.fingerprint)
+                if why:
+                    raise ValueError(f"cannot merge moments of different models across ranks (rank {rank}: {why})")
+            for kind in UNIT_KINDS:
+                self.moments[kind].all_reduce(group)
         return self
 
     def bases(self, rtol: float = 1e-10) -> SpectralBases:
@@ -342,11 +378,13 @@ def _images_of(batch: Any) -> torch.Tensor:
 @torch.no_grad()
 def accumulate_moments(visual: nn.Module, batches: Iterable, units: Sequence[str] = ("head",), *,
                        moments: UnitMoments | None = None, progress: bool = True,
-                       max_batches: int | None = None) -> UnitMoments:
+                       max_batches: int | None = None, process_group=None) -> UnitMoments:
     """Stream ``batches`` through ``visual`` and accumulate the moments of every unit.
 
     Pass ``moments`` to continue an earlier accumulation; merge the results of
-    several processes with :meth:`UnitMoments.merge`.
+    several processes with :meth:`UnitMoments.merge`, or pass ``process_group``
+    (a ``torch.distributed`` group; each rank streams its own disjoint shard of
+    the data) to get the all-reduced moments of the union on every rank.
     """
     adapter = get_adapter(visual)
     spec = adapter.spec()
@@ -366,11 +404,12 @@ def accumulate_moments(visual: nn.Module, batches: Iterable, units: Sequence[str
             check_finite_batch(acts, i, "calibration")
             moments.update(acts)
             bar.set_postfix(images=moments.count)
-    return moments
+    return moments.all_reduce(process_group)
 
 
 def fit_bases(visual: nn.Module, batches: Iterable, units: Sequence[str] = ("head",), *,
-              rtol: float = 1e-10, progress: bool = True, max_batches: int | None = None) -> SpectralBases:
+              rtol: float = 1e-10, progress: bool = True, max_batches: int | None = None,
+              process_group=None) -> SpectralBases:
     """Fit exact per-unit PCA bases by streaming ``batches`` of images through ``visual``.
 
     Args:
@@ -383,7 +422,12 @@ def fit_bases(visual: nn.Module, batches: Iterable, units: Sequence[str] = ("hea
             dropped (they carry no signal; a head has at most ``head_dim + 2``).
         progress: show a progress bar.
         max_batches: stop after this many batches.
+        process_group: a ``torch.distributed`` group whose ranks each pass a disjoint shard of the
+            calibration data (see :func:`residual_fast.distributed.shard_range`); the moments are
+            all-reduced in float64, so every rank gets the bases of the whole data (equal to one
+            process's to float64 rounding).
     """
     units = _check_kinds(units)
     check_rtol(rtol)
-    return accumulate_moments(visual, batches, units, progress=progress, max_batches=max_batches).bases(rtol)
+    return accumulate_moments(visual, batches, units, progress=progress, max_batches=max_batches,
+                              process_group=process_group).bases(rtol)

@@ -87,22 +87,37 @@ def method_forward(method: str, module: nn.Module | None) -> Callable[[CachedSpl
 
 
 @torch.no_grad()
-def evaluate(forward: Callable, split: CachedSplit, head: Classifier, batch_size: int = 1024) -> float:
-    """Top-1 accuracy of ``head(forward(split))``."""
+def evaluate(forward: Callable, split: CachedSplit, head: Classifier, batch_size: int = 1024,
+             process_group=None) -> float:
+    """Top-1 accuracy of ``head(forward(split))``.
+
+    With ``process_group`` each rank scores a contiguous block of ``split`` and the counts are summed.
+    """
+    from .distributed import all_reduce_count, shard_range
+
     check_labels(split, head, "evaluated")
+    lo, hi = shard_range(len(split), process_group, batch_size)
     correct = 0
-    for start in range(0, len(split), batch_size):
-        idx = torch.arange(start, min(start + batch_size, len(split)))
+    for start in range(lo, hi, batch_size):
+        idx = torch.arange(start, min(start + batch_size, hi))
         pred = head(forward(split, idx)).argmax(-1)
         correct += int((pred == split.labels[idx].to(pred.device)).sum())
-    return correct / max(len(split), 1)
+    return all_reduce_count(correct, process_group) / max(len(split), 1)
 
 
 def fit(module: nn.Module, forward: Callable, train: CachedSplit, val: CachedSplit, head: Classifier, *,
         lr: float, epochs: int = 30, batch_size: int = 64, patience: int = 5, seed: int = 0,
-        weight_decay: float = 0.0, progress: bool = True, method: str = "") -> FitResult:
-    """Train ``module``'s parameters; keep the state with the best validation accuracy."""
+        weight_decay: float = 0.0, progress: bool = True, method: str = "", process_group=None) -> FitResult:
+    """Train ``module``'s parameters; keep the state with the best validation accuracy.
+
+    With ``process_group`` (a ``torch.distributed`` group; every rank holds the same splits and module)
+    each global batch is split over the ranks, the gradients are all-reduced (data parallel with the
+    global batch of one process) and validation counts are summed: every rank ends with the same
+    parameters, equal to a one-process fit up to float rounding.
+    """
     import schedulefree
+
+    from .distributed import all_reduce_gradients, all_reduce_sum, broadcast_parameters, rank_and_size
 
     if len(train) == 0 or len(val) == 0:
         raise ValueError("train and validation splits must be non-empty")
@@ -112,34 +127,40 @@ def fit(module: nn.Module, forward: Callable, train: CachedSplit, val: CachedSpl
     check_labels(val, head, "validation")
     torch.manual_seed(seed)
     gen = torch.Generator().manual_seed(seed)
+    rank, world = rank_and_size(process_group)
+    broadcast_parameters(module, process_group)
     params = [p for p in module.parameters() if p.requires_grad]
     opt = schedulefree.AdamWScheduleFree(params, lr=lr, weight_decay=weight_decay)
     start = time.perf_counter()
     opt.eval()
     module.eval()
-    best_acc, best_epoch = evaluate(forward, val, head), 0
+    best_acc, best_epoch = evaluate(forward, val, head, process_group=process_group), 0
     best_state = copy.deepcopy(module.state_dict())
     history = [{"epoch": 0, "train_loss": None, "val_accuracy": best_acc}]
     stale = 0
-    bar = tqdm(range(1, epochs + 1), desc=f"fitting {method}".strip(), disable=not progress)
+    bar = tqdm(range(1, epochs + 1), desc=f"fitting {method}".strip(), disable=not progress or rank != 0)
     for epoch in bar:
         module.train()
         opt.train()
         total, count = 0.0, 0
-        for idx in torch.randperm(len(train), generator=gen).split(batch_size):
+        for batch in torch.randperm(len(train), generator=gen).split(batch_size):
+            # this rank's share of the global batch; the loss is its share of the batch mean
+            idx = batch.tensor_split(world)[rank] if world > 1 else batch
             logits = head(forward(train, idx))
-            loss = F.cross_entropy(logits, train.labels[idx].to(logits.device))
+            loss = F.cross_entropy(logits, train.labels[idx].to(logits.device), reduction="sum") / batch.numel()
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            all_reduce_gradients(params, process_group)
+            loss = all_reduce_sum(loss.detach(), process_group)
             if not bool(torch.isfinite(loss)):
                 raise FloatingPointError(f"{method or 'training'}: the loss became {loss.item()} at epoch {epoch}; "
                                          "lower the learning rate or check the inputs")
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
             opt.step()
-            total += loss.item() * idx.numel()
-            count += idx.numel()
+            total += loss.item() * batch.numel()
+            count += batch.numel()
         module.eval()
         opt.eval()
-        acc = evaluate(forward, val, head)
+        acc = evaluate(forward, val, head, process_group=process_group)
         history.append({"epoch": epoch, "train_loss": total / count, "val_accuracy": acc})
         bar.set_postfix(loss=f"{total / count:.4f}", val=f"{acc:.4f}")
         if acc > best_acc:
@@ -149,6 +170,7 @@ def fit(module: nn.Module, forward: Callable, train: CachedSplit, val: CachedSpl
             stale += 1
             if stale >= patience:
                 break
+    bar.close()  # an early stop leaves the bar short of `epochs`: close it so it does not hang there
     module.load_state_dict(best_state)
     module.eval()
     n_params = sum(p.numel() for p in params)
@@ -178,15 +200,18 @@ METHODS = ("zeroshot", "linear", "spectral_output", "coarse", "fine", "full")
 
 def fit_method(method: str, train: CachedSplit, val: CachedSplit, head: Classifier, *,
                bases: SpectralBases | None = None, epochs: int = 30, batch_size: int = 64, patience: int = 5,
-               seed: int = 0, progress: bool = True, lr: float | None = None, **residual_kwargs
-               ) -> tuple[nn.Module | None, FitResult]:
-    """Build and fit one method: a ResiDual variant (``coarse``/``fine``/``full``) or a baseline."""
+               seed: int = 0, progress: bool = True, lr: float | None = None, process_group=None,
+               **residual_kwargs) -> tuple[nn.Module | None, FitResult]:
+    """Build and fit one method: a ResiDual variant (``coarse``/``fine``/``full``) or a baseline.
+
+    ``process_group``: train data-parallel over a ``torch.distributed`` group (see :func:`fit`).
+    """
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}; choose from {METHODS}")
     if method == "zeroshot":
         start = time.perf_counter()
         fwd = method_forward("zeroshot", None)
-        acc = evaluate(fwd, val, head)
+        acc = evaluate(fwd, val, head, process_group=process_group)
         return None, FitResult("zeroshot", 0, 0, acc, time.perf_counter() - start)
     if method in ("coarse", "fine", "full"):
         if bases is None:
@@ -198,5 +223,6 @@ def fit_method(method: str, train: CachedSplit, val: CachedSplit, head: Classifi
     else:
         module, lr = OutputSpectralAdapter(train.output), ADAPTER_LR if lr is None else lr
     result = fit(module, method_forward(method, module), train, val, head, lr=lr, epochs=epochs,
-                 batch_size=batch_size, patience=patience, seed=seed, progress=progress, method=method)
+                 batch_size=batch_size, patience=patience, seed=seed, progress=progress, method=method,
+                 process_group=process_group)
     return module, result

@@ -56,23 +56,29 @@ def plot_grid(values: torch.Tensor, layers: int, title: str, path: Path, label: 
 def analyze(model: str, datasets: list[str], out: str | Path, *, root: str | None = None, max_images: int = 512,
             twonn_samples: int = 300, id_threshold: float = 0.99, ks=(1, 0.1, 0.25, 0.5), text_steps: int = 5,
             top_heads: int = 3, seed: int = 0, batch_size: int = 128, progress: bool = True,
-            pretrained: bool = False, image_size: int | None = None) -> dict:
+            pretrained: bool = False, image_size: int | None = None, process_group=None,
+            device: str | torch.device = "cpu") -> dict:
     """Run the analyses of the paper for ``model`` on ``datasets``; write PNG/markdown/CSV/JSON into ``out``.
 
     ``model`` is an open_clip name (random weights unless ``pretrained``) or an :func:`residual_fast.load` name.
+    With ``process_group`` (``torchrun``) the one ViT pass (the caches) is sharded over the ranks; the
+    analyses then run on rank 0 from the caches, and only rank 0 writes (the others return ``{}``).
     """
+    from ..distributed import is_main
+
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     name = model if ":" in model else f"open_clip:{model}"
     kwargs = {"image_size": image_size} if image_size and name.startswith("open_clip:") and not pretrained else {}
-    loaded = load(name, pretrained=pretrained, **kwargs)
+    loaded = load(name, pretrained=pretrained, device=device, **kwargs)
+    main = is_main(process_group)
     visual = loaded.visual
     metrics: dict = {"model": model, "weights": "pretrained" if pretrained else "random", "datasets": {}}
     md = [f"# residual-fast analyze: {model} ({metrics['weights']} weights)", ""]
     rows, bases_by_ds, selected = [], {}, {}
     dictionary = default_dictionary()
     dict_emb = None
-    if loaded.encode_text is not None:
+    if loaded.encode_text is not None and main:
         with torch.no_grad():
             dict_emb = torch.cat([loaded.encode_text(dictionary[i:i + 128]).double()
                                   for i in range(0, len(dictionary), 128)])
@@ -81,7 +87,9 @@ def analyze(model: str, datasets: list[str], out: str | Path, *, root: str | Non
         parts = load_splits(dname, root=root, transform=loaded.preprocess, seed=seed)
         parts = {k: v for k, v in parts.items() if k in ("train", "test")}
         data = cache_splits(visual, parts, out / "cache" / slug, batch_size=batch_size, max_images=max_images,
-                            progress=progress, seed=seed)
+                            progress=progress and main, seed=seed, process_group=process_group)
+        if not main:
+            continue
         train_ds = parts["train"][0]
         bases = fit_bases_from_cache(data.caches["train"], visual, ("head",), progress=progress)
         bases_by_ds[dname] = bases
@@ -159,6 +167,8 @@ def analyze(model: str, datasets: list[str], out: str | Path, *, root: str | Non
         md.append("")
         metrics["datasets"][dname] = {"full_accuracy": full_acc, "selection": sel, "top_heads_text": texts,
                                       "top10_percent_heads": top10}
+    if not main:
+        return {}
     if len(datasets) > 1:
         md += ["## Across datasets", ""]
         first = datasets[0]
