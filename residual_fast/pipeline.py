@@ -309,6 +309,10 @@ def reproduce(models: list[str], datasets: list[str], methods: list[str], out: s
                 got, _ = run_methods(methods, data, head, loaded.visual, epochs=epochs, seed=seed,
                                      progress=progress and main, info=info, bases=bases,
                                      process_group=process_group)
+                for r in got:  # only the ResiDual variants use bases
+                    if r["method"] not in adapted:
+                        for key in ("bases", "bases_images", "bases_note"):
+                            r.pop(key, None)
                 rows.extend(got)
             except Exception as e:  # noqa: BLE001 - keep going through the grid
                 rows.append({**info, "method": "-", "error": f"{type(e).__name__}: {e}"})

@@ -284,6 +284,12 @@ def test_reproduce_grid_offline_records_failures(tmp_path):
     ok = [r for r in rows if "error" not in r]
     assert [(r["dataset"], r["method"]) for r in ok] == [("digits", "zeroshot"), ("digits", "fine")]
     assert all(0 <= r["accuracy"] <= 1 and r["weights"] == "random" for r in ok)
+    # the paper's protocol: bases from a calibration set (ImageNet train, absent offline: the first target's
+    # train split instead), fitted once and recorded in every adapted row
+    fine = ok[1]
+    assert fine["bases"] == "digits train" and fine["bases_images"] > 0
+    assert "imagenet unavailable" in fine["bases_note"] and "first target" in fine["bases_note"]
+    assert "bases" not in ok[0]  # zero-shot uses no bases
     errors = {(r["model"], r["dataset"]): r["error"] for r in rows if "error" in r}
     assert "unknown dataset" in errors[("ViT-B-32", "nope")]
     assert "unknown open_clip model" in errors[("ViT-Q-99", "-")]
