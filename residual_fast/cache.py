@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -101,10 +101,22 @@ class ActivationCache:
         where = f"cache manifest {manifest}"
         check_meta(self.manifest, {"version": is_str, "fingerprint": is_dict, "complete": is_bool,
                                    "seconds": is_float(0), "source": optional(is_dict),
-                                   "world_size": may_be_absent(is_int(1)), "shards": list_of(is_dict)}, where)
+                                   "world_size": may_be_absent(is_int(1)), "shards": list_of(is_dict),
+                                   "classes": may_be_absent(list_of(is_str)),
+                                   "templates": may_be_absent(list_of(is_str))}, where)
         check_shards(self.manifest["shards"], self.path, where)
         if self.manifest["complete"] and not self.manifest["shards"]:
             raise CorruptFileError(f"{where}: marked complete but lists no shards")
+
+    @property
+    def classes(self) -> list[str] | None:
+        """The class names of the labels (label ``i`` is ``classes[i]``), where the builder recorded them."""
+        return self.manifest.get("classes")
+
+    @property
+    def templates(self) -> list[str] | None:
+        """Prompt templates (``{c}`` for the class name) recorded with the class names."""
+        return self.manifest.get("templates")
 
     @property
     def complete(self) -> bool:
@@ -196,6 +208,7 @@ def source_difference(saved: dict | None, now: dict | None) -> str | None:
 @torch.no_grad()
 def build_cache(visual: nn.Module, batches: Iterable, path: str | os.PathLike, *, dtype: torch.dtype | None = None,
                 resume: bool = True, progress: bool = True, source: dict | None = None,
+                classes: Sequence[str] | None = None, templates: Sequence | None = None,
                 process_group=None) -> ActivationCache:
     """One pass of ``visual`` over ``batches`` of ``(images, labels)``, written to the folder ``path``.
 
@@ -204,7 +217,10 @@ def build_cache(visual: nn.Module, batches: Iterable, path: str | os.PathLike, *
     split, seed, image size, batch size, max images, preprocessing, ...) is
     recorded, and an existing cache built from another source is refused, naming
     the difference, instead of being resumed or returned. ``dtype`` stores
-    activations in another precision (default: the model's).
+    activations in another precision (default: the model's). ``classes`` (the
+    name of each label) and ``templates`` (prompt templates) are recorded, so a
+    zero-shot head can be built from the cache alone and checked against it;
+    labels past the class list are refused.
 
     With ``process_group`` (a ``torch.distributed`` group) every rank passes its
     own contiguous block of the data, in rank order (as
@@ -216,16 +232,17 @@ def build_cache(visual: nn.Module, batches: Iterable, path: str | os.PathLike, *
     """
     from .distributed import active
 
+    labeling = _labeling(classes, templates)
     if active(process_group):
         return _build_cache_distributed(visual, batches, Path(path), dtype=dtype, resume=resume, progress=progress,
-                                        source=source, group=process_group)
+                                        source=source, labeling=labeling, group=process_group)
     adapter = get_adapter(visual)
     folder = Path(path)
     folder.mkdir(parents=True, exist_ok=True)
     fingerprint = adapter.spec().fingerprint()
     manifest_path = folder / MANIFEST
     if manifest_path.is_file():
-        existing = _check_existing(folder, fingerprint, source, world=1)
+        existing = _check_existing(folder, fingerprint, source, world=1, labeling=labeling)
         if existing.complete:
             return existing
         if not resume:
@@ -233,9 +250,10 @@ def build_cache(visual: nn.Module, batches: Iterable, path: str | os.PathLike, *
         manifest = existing.manifest
     else:
         manifest = {"kind": "activation_cache", "version": __version__, "fingerprint": fingerprint,
-                    "shards": [], "complete": False, "seconds": 0.0, "source": source}
+                    "shards": [], "complete": False, "seconds": 0.0, "source": source, **labeling}
         write_json_atomic(manifest_path, manifest)
-    _cache_batches(adapter, batches, folder, manifest, manifest_path, "shard-{i:06d}.safetensors", dtype, progress)
+    _cache_batches(adapter, batches, folder, manifest, manifest_path, "shard-{i:06d}.safetensors", dtype, progress,
+                   len(classes) if classes is not None else None)
     if not manifest["shards"]:
         raise ValueError("no batches: the data to cache is empty")
     manifest["complete"] = True
@@ -243,9 +261,30 @@ def build_cache(visual: nn.Module, batches: Iterable, path: str | os.PathLike, *
     return ActivationCache(folder)
 
 
-def _check_existing(folder: Path, fingerprint: dict, source: dict | None, world: int) -> ActivationCache:
-    """An existing cache folder may be returned or resumed only for the same model, data and process count."""
+def _labeling(classes: Sequence[str] | None, templates: Sequence | None) -> dict:
+    """Class names and templates as the manifest stores them (templates as ``{c}`` strings)."""
+    from .data.prompts import fill
+
+    out = {}
+    if classes is not None:
+        classes = list(classes)
+        if not classes or not all(isinstance(c, str) for c in classes):
+            raise ValueError("classes must be a non-empty list of class-name strings")
+        out["classes"] = classes
+    if templates is not None:
+        out["templates"] = [fill(t, "{c}") if callable(t) else str(t) for t in templates]
+    return out
+
+
+def _check_existing(folder: Path, fingerprint: dict, source: dict | None, world: int,
+                    labeling: dict | None = None) -> ActivationCache:
+    """An existing cache folder may be returned or resumed only for the same model, data, classes and process
+    count."""
     existing = ActivationCache(folder)
+    for key, value in (labeling or {}).items():
+        if existing.manifest.get(key) is not None and existing.manifest[key] != value:
+            raise ValueError(f"{folder} holds a cache with other {key} ({existing.manifest[key][:5]}...); "
+                             "use a new folder")
     why = fingerprint_mismatch(existing.manifest["fingerprint"], fingerprint)
     if why:
         raise ValueError(f"{folder} holds a cache of another model ({why}); use a new folder")
@@ -260,7 +299,7 @@ def _check_existing(folder: Path, fingerprint: dict, source: dict | None, world:
 
 
 def _cache_batches(adapter, batches: Iterable, folder: Path, record: dict, record_path: Path, pattern: str,
-                   dtype: torch.dtype | None, progress: bool) -> None:
+                   dtype: torch.dtype | None, progress: bool, num_classes: int | None = None) -> None:
     """Write one checksummed shard per batch, skipping the batches ``record`` already lists; ``record`` is
     rewritten atomically after every shard (so a kill leaves whole shards and a consistent record)."""
     done = len(record["shards"])
@@ -277,6 +316,8 @@ def _cache_batches(adapter, batches: Iterable, folder: Path, record: dict, recor
                                  "every image needs one label")
             if labels.is_floating_point() or labels.is_complex() or (labels.numel() and int(labels.min()) < 0):
                 raise ValueError(f"batch {i}: labels must be class indices >= 0, got {labels[:8].tolist()}")
+            if num_classes is not None and labels.numel() and int(labels.max()) >= num_classes:
+                raise ValueError(f"batch {i}: label {int(labels.max())} but only {num_classes} class names")
             if labels.numel() == 0:
                 raise ValueError(f"batch {i} is empty")
             acts = capture(adapter, images.to(device, non_blocking=True))
@@ -297,7 +338,7 @@ def _cache_batches(adapter, batches: Iterable, folder: Path, record: dict, recor
 
 
 def _build_cache_distributed(visual: nn.Module, batches: Iterable, folder: Path, *, dtype, resume: bool,
-                             progress: bool, source: dict | None, group) -> ActivationCache:
+                             progress: bool, source: dict | None, labeling: dict, group) -> ActivationCache:
     from .distributed import barrier, gather_objects, raise_if_any, rank_and_size
 
     rank, world = rank_and_size(group)
@@ -313,14 +354,15 @@ def _build_cache_distributed(visual: nn.Module, batches: Iterable, folder: Path,
         try:
             folder.mkdir(parents=True, exist_ok=True)
             if manifest_path.is_file():
-                existing = _check_existing(folder, fingerprint, source, world)
+                existing = _check_existing(folder, fingerprint, source, world, labeling)
                 complete = existing.complete
                 if not complete and not resume:
                     raise FileExistsError(f"{folder} holds a partial cache; pass resume=True or use a new folder")
             else:
                 write_json_atomic(manifest_path, {"kind": "activation_cache", "version": __version__,
                                                   "fingerprint": fingerprint, "shards": [], "complete": False,
-                                                  "seconds": 0.0, "source": source, "world_size": world})
+                                                  "seconds": 0.0, "source": source, "world_size": world,
+                                                  **labeling})
         except Exception as e:  # noqa: BLE001 - re-raised below, on every rank
             error = e
     raise_if_any(error, group)
@@ -339,7 +381,7 @@ def _build_cache_distributed(visual: nn.Module, batches: Iterable, folder: Path,
             write_json_atomic(part_path, part)
         if not part["complete"]:
             _cache_batches(adapter, batches, folder, part, part_path, f"shard-r{rank:05d}-{{i:06d}}.safetensors",
-                           dtype, progress and rank == 0)
+                           dtype, progress and rank == 0, len(labeling["classes"]) if "classes" in labeling else None)
             part["complete"] = True
             write_json_atomic(part_path, part)
         error = None

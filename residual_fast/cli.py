@@ -28,6 +28,7 @@ from pathlib import Path
 import torch
 
 from ._version import __version__
+from .serialization import CorruptFileError
 
 
 class UserError(Exception):
@@ -178,28 +179,63 @@ def cmd_cache(args) -> None:
         if diff:
             raise UserError(f"{args.out} holds a cache of other data or loader settings ({diff}); use a new folder")
     model, preprocess, _ = _load(args)
-    _, loader = _loader(args, preprocess)
+    data, loader = _loader(args, preprocess)
     cache = build_cache(model.visual, loader, args.out, progress=not args.no_progress, source=source,
-                        process_group=args.process_group)
+                        classes=data.classnames, templates=data.templates, process_group=args.process_group)
     if _main_rank(args):
         print(json.dumps({"out": args.out, "images": cache.num_images, "seconds": round(cache.seconds, 3)}))
 
 
-def _save_head(head, folder: Path) -> None:
+def _save_head(head, folder: Path, classes: list[str] | None) -> None:
     from .serialization import save_bundle
 
     save_bundle(folder / "head", {"weights": head.weights},
-                {"kind": "classifier", "logit_scale": head.logit_scale, "normalize": head.normalize})
+                {"kind": "classifier", "logit_scale": head.logit_scale, "normalize": head.normalize,
+                 "classes": classes})
 
 
 def _load_head(folder: Path):
+    """``(classifier, class names or None)`` saved by ``fit``."""
     from .classifiers import Classifier
-    from .serialization import check_meta, check_tensor, is_bool, is_float, load_bundle
+    from .serialization import check_meta, check_tensor, is_bool, is_float, is_str, list_of, load_bundle, may_be_absent
 
     t, meta = load_bundle(folder / "head", "classifier")
     where = f"classifier at {folder / 'head'}"
-    check_meta(meta, {"logit_scale": is_float(0, open_lo=True), "normalize": is_bool}, where)
-    return Classifier(check_tensor(t, "weights", where, (None, None)), meta["logit_scale"], meta["normalize"])
+    check_meta(meta, {"logit_scale": is_float(0, open_lo=True), "normalize": is_bool,
+                      "classes": may_be_absent(list_of(is_str))}, where)
+    weights = check_tensor(t, "weights", where, (None, None))
+    classes = meta.get("classes")
+    if classes is not None and len(classes) != weights.shape[0]:
+        raise CorruptFileError(f"{where}: {weights.shape[0]} class weights but {len(classes)} class names")
+    return Classifier(weights, meta["logit_scale"], meta["normalize"]), classes
+
+
+def _short(names: list[str]) -> str:
+    return f"{len(names)} classes [{', '.join(names[:4])}{', ...' if len(names) > 4 else ''}]"
+
+
+def _cache_classes(args, *caches) -> tuple[list[str] | None, list[str] | None]:
+    """Class names and templates: those the caches recorded, checked against each other and ``--dataset``."""
+    from .data import load_dataset
+
+    recorded = [(c.path, c.classes) for c in caches if c.classes is not None]
+    for path, names in recorded[1:]:
+        if names != recorded[0][1]:
+            raise UserError(f"the caches disagree on the classes: {recorded[0][0]} has {_short(recorded[0][1])}, "
+                            f"{path} has {_short(names)}")
+    classes = recorded[0][1] if recorded else None
+    templates = next((c.templates for c in caches if c.templates), None)
+    if getattr(args, "dataset", None):
+        data = load_dataset(args.dataset, "train", root=args.root, download=False)
+        if classes is not None and list(data.classnames) != classes:
+            raise UserError(f"--dataset {args.dataset} has {_short(list(data.classnames))} but the caches were "
+                            f"built with {_short(classes)}")
+        classes = classes or list(data.classnames)
+        templates = templates or list(data.templates)
+    return classes, templates
+
+
+RESIDUAL_METHODS = ("coarse", "fine", "full")
 
 
 def cmd_fit(args) -> None:
@@ -208,32 +244,39 @@ def cmd_fit(args) -> None:
 
     from .cache import ActivationCache, fit_bases_from_cache
     from .classifiers import prototype_head, text_head, zero_shot_head
-    from .data import load_dataset
+    from .report import plot_lambdas, plot_spectra
     from .serialization import write_json_atomic
     from .spectral import SpectralBases
-    from .train import fit_method
+    from .train import evaluate, fit_method, method_forward
 
-    model, _, tokenizer = _load(args)
     train_cache, val_cache = ActivationCache(args.train_cache), ActivationCache(args.val_cache)
-    for c in (train_cache, val_cache):
-        c.check_model(model.visual)
+    classes, templates = _cache_classes(args, train_cache, val_cache)
+    if args.head == "zeroshot" and classes is None:
+        raise UserError(f"--head zeroshot needs class names: {args.train_cache} records none (built by an older "
+                        "version or from unnamed data); pass --dataset")
+    if args.head == "zeroshot" and not templates:
+        raise UserError("--head zeroshot needs prompt templates: pass --dataset")
+    model = tokenizer = None
+    if args.head == "zeroshot" or args.method in RESIDUAL_METHODS:  # only these need the model itself
+        model, _, tokenizer = _load(args)
+        for c in (train_cache, val_cache):
+            c.check_model(model.visual)
     train, val = train_cache.load(), val_cache.load()
     if args.head == "prototype":
-        head = prototype_head(train.output, train.labels)
+        head = prototype_head(train.output, train.labels, len(classes) if classes else None)
+    elif isinstance(model, _Loaded):
+        if not hasattr(model, "encode_text"):
+            raise UserError(f"{args.model} has no text tower (or no offline tokenizer): use --head prototype")
+        scale = getattr(model, "logit_scale", None)
+        with torch.no_grad():
+            head = text_head(model.encode_text, classes, templates,
+                             logit_scale=scale.exp().item() if scale is not None else 100.0,
+                             progress=not args.no_progress)
     else:
-        data = load_dataset(args.dataset, "train", root=args.root, download=False)
-        if isinstance(model, _Loaded):
-            if not hasattr(model, "encode_text"):
-                raise UserError(f"{args.model} has no text tower (or no offline tokenizer): use --head prototype")
-            scale = getattr(model, "logit_scale", None)
-            with torch.no_grad():
-                head = text_head(model.encode_text, data.classnames, data.templates,
-                                 logit_scale=scale.exp().item() if scale is not None else 100.0,
-                                 progress=not args.no_progress)
-        else:
-            head = zero_shot_head(model, tokenizer, data.classnames, data.templates, progress=not args.no_progress)
+        head = zero_shot_head(model, tokenizer, classes, templates, progress=not args.no_progress)
+    base_acc = evaluate(method_forward("zeroshot", None), val, head, process_group=args.process_group)
     bases = None
-    if args.method in ("coarse", "fine", "full"):
+    if args.method in RESIDUAL_METHODS:
         units = ("head", "mlp") if args.method == "full" else ("head",)
         bases = (SpectralBases.load(args.bases, model.visual) if args.bases
                  else fit_bases_from_cache(train_cache, model.visual, units, progress=not args.no_progress,
@@ -244,13 +287,37 @@ def cmd_fit(args) -> None:
         return
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    _save_head(head, out)
-    if module is not None and args.method in ("coarse", "fine", "full"):
+    _save_head(head, out, classes)
+    if module is not None and args.method in RESIDUAL_METHODS:
         module.save(out / "adapter")
+        plot_lambdas(module, out / "lambdas.png")
+        plot_spectra(bases, out / "spectra.png")
     elif module is not None:
         save_file({k: v.contiguous() for k, v in module.state_dict().items()}, str(out / "module.safetensors"))
-    write_json_atomic(out / "fit.json", {"method": args.method, "model": args.model, **result.to_dict()})
-    print(json.dumps({k: v for k, v in result.to_dict().items() if k != "history"}))
+    summary = {"method": args.method, "model": args.model, "pretrained": args.pretrained, "head": args.head,
+               "classes": classes, "base_val_accuracy": base_acc, **result.to_dict()}
+    write_json_atomic(out / "fit.json", summary)
+    _fit_report(out, summary, len(train), len(val))
+    print(json.dumps({k: v for k, v in summary.items() if k not in ("history", "classes")}))
+    print(f"validation accuracy: base {base_acc:.4f} -> {args.method} {result.best_val_accuracy:.4f} "
+          f"(best epoch {result.best_epoch}); report: {out / 'report.md'}")
+
+
+def _fit_report(out: Path, s: dict, n_train: int, n_val: int) -> None:
+    lines = [f"# residual-fast fit: {s['method']} on {s['model']}", "",
+             f"{n_train} train / {n_val} validation images; head: {s['head']}"
+             + (f" over {_short(s['classes'])}" if s["classes"] else ""), "",
+             "| | trainable parameters | validation accuracy |", "|---|---|---|",
+             f"| base (model output) | 0 | {s['base_val_accuracy']:.4f} |",
+             f"| {s['method']} | {s['trainable_parameters']} | {s['best_val_accuracy']:.4f} |", "",
+             f"best epoch {s['best_epoch']} of {len(s['history']) - 1} run; {s['seconds']:.2f} s of training.", ""]
+    if (out / "lambdas.png").is_file():
+        lines += ["![lambdas](lambdas.png) ![spectra](spectra.png)", ""]
+    lines += ["| epoch | train loss | validation accuracy |", "|---|---|---|"]
+    for h in s["history"]:
+        loss = "-" if h["train_loss"] is None else f"{h['train_loss']:.4f}"
+        lines.append(f"| {h['epoch']} | {loss} | {h['val_accuracy']:.4f} |")
+    (out / "report.md").write_text("\n".join(lines) + "\n")
 
 
 def cmd_eval(args) -> None:
@@ -268,24 +335,30 @@ def cmd_eval(args) -> None:
     if meta["model"] != args.model:
         raise UserError(f"{fit_dir} was fitted with --model {meta['model']} but this evaluation uses --model "
                         f"{args.model}")
-    if meta["method"] in ("coarse", "fine", "full"):
+    if meta["method"] in RESIDUAL_METHODS:
         load_bundle(fit_dir / "adapter", "residual_adapter")
-    head = _load_head(fit_dir)
+    head, classes = _load_head(fit_dir)
     cache = ActivationCache(args.cache)
-    model, _, _ = _load(args)
-    cache.check_model(model.visual)
-    split = cache.load()
+    if classes is not None and cache.classes is not None and classes != cache.classes:
+        raise UserError(f"the head of {fit_dir} was fitted for {_short(classes)} but {args.cache} holds "
+                        f"{_short(cache.classes)}")
     method = meta["method"]
+    model = None
+    if method in RESIDUAL_METHODS:  # only the adapter needs the model (its readout); the rest reads the cache
+        model, _, _ = _load(args)
+        cache.check_model(model.visual)
+    split = cache.load()
     module = None
-    if method in ("coarse", "fine", "full"):
+    if method in RESIDUAL_METHODS:
         module = ResiDual.load(fit_dir / "adapter", model.visual)
     elif method in ("linear", "spectral_output"):
         state = load_tensors(fit_dir / "module.safetensors")
         module = LinearAdapter(split.output.shape[1]) if method == "linear" else OutputSpectralAdapter(split.output)
         module.load_state_dict(state)
     acc = evaluate(method_forward(method, module), split, head, process_group=args.process_group)
+    base = evaluate(method_forward("zeroshot", None), split, head, process_group=args.process_group)
     if _main_rank(args):
-        print(json.dumps({"method": method, "images": len(split), "accuracy": acc}))
+        print(json.dumps({"method": method, "images": len(split), "accuracy": acc, "base_accuracy": base}))
 
 
 def cmd_bench(args) -> None:
@@ -378,7 +451,9 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--val-cache", required=True)
     f.add_argument("--method", default="fine", choices=[m for m in METHODS if m != "zeroshot"] + ["zeroshot"])
     f.add_argument("--head", default="prototype", choices=["prototype", "zeroshot"])
-    f.add_argument("--dataset", default="digits", help="class names / templates for --head zeroshot")
+    f.add_argument("--dataset", default=None,
+                   help="dataset whose class names / templates the head uses (default: those the train cache "
+                        "recorded); checked against the caches")
     f.add_argument("--root", default=None)
     f.add_argument("--bases", default=None, help="bases folder (default: fitted from the train cache)")
     f.add_argument("--epochs", type=positive_int, default=30)

@@ -76,7 +76,7 @@ def cache_splits(visual: nn.Module, parts: dict, folder: Path, *, batch_size: in
         source = {"dataset": data.name, "split": split, "seed": seed, "max_images": max_images,
                   "images": int(idx.numel()), "batch_size": batch_size}
         caches[split] = build_cache(visual, loader, folder / split, progress=progress, source=source,
-                                    process_group=process_group)
+                                    classes=data.classnames, templates=data.templates, process_group=process_group)
     splits = {k: c.load() for k, c in caches.items()}
     return PreparedData(caches, splits, {k: len(v) for k, v in splits.items()})
 
