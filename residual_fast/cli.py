@@ -56,7 +56,9 @@ positive_int, non_negative_int = int_at_least(1), int_at_least(0)
 def _model_args(p: argparse.ArgumentParser, image_size_default: int | None = None) -> None:
     p.add_argument("--model", default="ViT-B-32",
                    help="open_clip ARCH[/pretrained-tag], or hf:REPO / timm:NAME (as rf.load)")
-    p.add_argument("--pretrained", default=None, help="open_clip pretrained tag (needs network); default random")
+    p.add_argument("--pretrained", nargs="?", const=PRETRAINED, default=None, metavar="TAG",
+                   help="load pretrained weights (needs network or a local hf:/timm: path): the open_clip tag "
+                        "(or --model ARCH/TAG); for hf:/timm: names the flag alone; default random weights")
     p.add_argument("--image-size", type=positive_int, default=image_size_default,
                    help="input resolution override (random weights only)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -85,11 +87,26 @@ class _Loaded:
                 self.logit_scale = scale
 
 
+PRETRAINED = "pretrained"  # --pretrained given without a tag
+
+
+def _model_name(args) -> tuple[str, str | None]:
+    """``(model name, pretrained tag or None)`` with one meaning of ``--pretrained`` for every family."""
+    name, tag = args.model, args.pretrained
+    if not name.startswith(("hf:", "timm:", "open_clip:")):
+        if "/" in name and tag is None:
+            name, tag = name.split("/", 1)
+        if tag == PRETRAINED:
+            raise UserError("open_clip models need the pretrained tag: --pretrained TAG or --model ARCH/TAG "
+                            "(e.g. ViT-B-32/openai)")
+    return name, tag
+
+
 def _load(args):
     """``(model, preprocess, tokenizer)`` for ``open_clip`` names (``ARCH[/TAG]``) and ``hf:`` / ``timm:`` names."""
     from .loading import load, load_open_clip
 
-    name, pretrained = args.model, args.pretrained
+    name, pretrained = _model_name(args)
     if name.startswith(("hf:", "timm:")):
         kwargs = {}
         if name.startswith("timm:") and args.image_size is not None:
@@ -100,8 +117,7 @@ def _load(args):
         # rf.load's encode_text takes strings: the tokenizer is then the identity
         return (_Loaded(loaded.model, loaded.visual, loaded.encode_text), loaded.preprocess,
                 (lambda texts: texts) if loaded.encode_text is not None else None)
-    if "/" in name and pretrained is None:
-        name, pretrained = name.split("/", 1)
+    name = name.removeprefix("open_clip:")
     model, preprocess, tokenizer = load_open_clip(name, pretrained, image_size=args.image_size, device=args.device)
     return model, preprocess, tokenizer
 
@@ -401,9 +417,12 @@ def cmd_analyze(args) -> None:
     _prepare_out(args.out)
     from .analysis.report import analyze
 
-    analyze(args.model, args.datasets, args.out, root=args.root, max_images=args.max_images,
+    name, tag = _model_name(args)
+    if tag and not name.startswith(("hf:", "timm:")):
+        name = f"{name}/{tag}"
+    analyze(name, args.datasets, args.out, root=args.root, max_images=args.max_images,
             twonn_samples=args.twonn_samples, id_threshold=args.id_threshold, seed=args.seed,
-            batch_size=args.batch_size, progress=not args.no_progress, pretrained=args.pretrained,
+            batch_size=args.batch_size, progress=not args.no_progress, pretrained=bool(tag),
             image_size=args.image_size, process_group=args.process_group, device=args.device)
     if not _main_rank(args):
         return
@@ -506,10 +525,7 @@ def build_parser() -> argparse.ArgumentParser:
     a = sub.add_parser("analyze", formatter_class=HELP,
                            help="intrinsic dimension, head specialization, text decomposition, spectral "
                                        "similarity: a report folder")
-    a.add_argument("--model", default="ViT-B-32", help="open_clip name or rf.load name (hf:..., timm:...)")
-    a.add_argument("--pretrained", action="store_true", help="load pretrained weights (needs network)")
-    a.add_argument("--image-size", type=positive_int, default=None,
-                   help="resolution override (random open_clip weights)")
+    _model_args(a)
     a.add_argument("--datasets", nargs="+", default=["digits"])
     a.add_argument("--root", default=None)
     a.add_argument("--max-images", type=positive_int, default=512, help="cap per split")
@@ -517,7 +533,6 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--id-threshold", type=float, default=0.99, help="cumulative EVR for the linear ID")
     a.add_argument("--seed", type=int, default=0)
     a.add_argument("--batch-size", type=positive_int, default=128)
-    a.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     a.add_argument("--out", default="residual_fast_analysis")
     a.set_defaults(func=cmd_analyze)
 

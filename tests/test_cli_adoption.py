@@ -61,3 +61,13 @@ def test_folder_classes_flow_from_cache_to_head_to_eval(folder, tmp_path, capsys
     capsys.readouterr()
     assert cli_main(["eval", *MODEL, "--fit", str(tmp_path / "fit"), "--cache", str(tmp_path / "digits")]) == 2
     assert "fitted for 3 classes" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("command", [["analyze", "--datasets", "digits"], ["cache"], ["calibrate"]])
+def test_pretrained_means_the_same_in_every_command(command, tmp_path, capsys):
+    """``--pretrained TAG`` everywhere (analyze used to take a bare flag); a bare flag is for hf:/timm: names."""
+    assert cli_main([*command, "--model", "ViT-B-32", "--pretrained", "--out", str(tmp_path / "o")]) == 2
+    assert "need the pretrained tag" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        cli_main([command[0], "--help"])
+    assert "--pretrained [TAG]" in capsys.readouterr().out
