@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 from torch import nn
@@ -188,8 +188,14 @@ class ResiDual(nn.Module):
         self._consts_cache = {}
 
     def _apply(self, fn, *args, **kwargs):
+        """Casts and moves; under ``.half()`` / ``.bfloat16()`` every floating tensor stays in float32.
+
+        The forward accumulates in float32 whatever the activations' dtype (half-precision
+        activations are upcast), so rounding the bases, maps and lambdas to 8-11 bits would only
+        add error - as much as the half-precision model's own (measured in tests/test_adoption.py).
+        """
         self._consts_cache = {}
-        return super()._apply(fn, *args, **kwargs)
+        return keep_fp32_under_half_casts(self, lambda: super(ResiDual, self)._apply(fn, *args, **kwargs))
 
     def _consts(self, dtype: torch.dtype) -> dict:
         """Everything the factorized forward needs that does not depend on the lambdas, in ``dtype``.
@@ -440,6 +446,38 @@ class ResiDual(nn.Module):
         out = cls(spec, groups, means, variant=meta["variant"], padding=meta["padding"],
                   ablation=meta["ablation"], add_means=meta["add_means"], init=meta["init"], seed=meta["seed"])
         return out.to(spec.ln_weight.device)
+
+
+HALF = (torch.float16, torch.bfloat16)
+
+
+def keep_fp32_under_half_casts(module: nn.Module, apply: Callable[[], nn.Module]) -> nn.Module:
+    """Run ``apply`` (a ``Module._apply``) and put back in float32 what it cast from fp32/fp64 to a half dtype.
+
+    Parameters keep their identity (their ``.data`` is replaced, as ``Module._apply`` does), so an
+    optimizer built before the cast still holds them.
+    """
+    before = {}
+    for mod in module.modules():
+        for store in (mod._parameters, mod._buffers):
+            for name, t in store.items():
+                if t is not None and t.dtype in (torch.float32, torch.float64):
+                    before[(id(mod), name)] = t.detach()
+    out = apply()
+    for mod in module.modules():
+        for store in (mod._parameters, mod._buffers):
+            for name, t in list(store.items()):
+                old = before.get((id(mod), name))
+                if t is None or old is None or t.dtype not in HALF:
+                    continue
+                fixed = old.to(device=t.device, dtype=torch.float32)
+                if isinstance(t, nn.Parameter):
+                    t.data = fixed
+                    if t.grad is not None:
+                        t.grad = t.grad.to(torch.float32)
+                else:
+                    store[name] = fixed
+    return out
 
 
 def _flat_mm(Z: torch.Tensor, F: torch.Tensor) -> torch.Tensor:

@@ -19,7 +19,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ._version import __version__
-from .decompose import capture, eval_mode
+from .decompose import _plain, capture, eval_mode
 from .models import UNIT_KINDS, ReadoutSpec, fingerprint_mismatch, get_adapter
 from .serialization import (
     CorruptFileError,
@@ -346,9 +346,10 @@ def accumulate_moments(visual: nn.Module, batches: Iterable, units: Sequence[str
     """Stream ``batches`` through ``visual`` and accumulate the moments of every unit.
 
     Pass ``moments`` to continue an earlier accumulation; merge the results of
-    several processes with :meth:`UnitMoments.merge`.
+    several processes with :meth:`UnitMoments.merge`. ``visual`` is the plain model: an adapted
+    encoder (:class:`residual_fast.ResiDualVisual`) is refused, since bases describe the base model.
     """
-    adapter = get_adapter(visual)
+    adapter = get_adapter(_plain(visual, "accumulate_moments / fit_bases"))
     spec = adapter.spec()
     device = next(adapter.visual.parameters()).device
     if moments is None:
@@ -374,7 +375,8 @@ def fit_bases(visual: nn.Module, batches: Iterable, units: Sequence[str] = ("hea
     """Fit exact per-unit PCA bases by streaming ``batches`` of images through ``visual``.
 
     Args:
-        visual: the image tower (``model.visual`` for open_clip).
+        visual: the image tower (``model.visual`` for open_clip); not an adapted encoder
+            (refused: the bases describe the base model, pass ``.unload()`` of it).
         batches: any iterable of image tensors ``(n, C, H, W)`` (or of ``(images,
             labels)`` tuples, as a DataLoader yields); moved to the model's device.
         units: unit kinds to fit PCA bases for, a subset of ``("emb", "head", "mlp")``.

@@ -1,0 +1,94 @@
+"""Adoption (issue 14): low precision, HF-native wrapping, text heads, capture/decompose inputs, PEFT-style API.
+
+Rows of the issue's table are named in each test. Every comparison is against something independent:
+the fp32 result (at a tolerance set by the plain model's own low-precision error), the model's own
+forward, or the base model's untouched output.
+"""
+
+import copy
+
+import pytest
+import torch
+from conftest import images_for, small_visual
+
+import residual_fast as rf
+
+HALF = [torch.float16, torch.bfloat16]
+
+
+def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a.float() - b.float()).abs().max() / b.float().abs().max()).item()
+
+
+@pytest.fixture(scope="module")
+def fitted():
+    v = small_visual("w64h4p8")
+    bases = rf.fit_bases(v, [images_for(v, 64, seed=1)], units=("head", "mlp"), progress=False)
+    return v, bases
+
+
+def _cast(module, dtype, how):
+    if how == "to":
+        return module.to(dtype)
+    return module.half() if dtype == torch.float16 else module.bfloat16()
+
+
+# -- row 3: an fp32-fitted adapter on the same model in fp16 / bf16 -------------------------------------
+@pytest.mark.parametrize("dtype", HALF)
+@pytest.mark.parametrize("how", ["to", "method"])
+def test_row3_fp32_adapter_runs_in_half_precision(fitted, dtype, how):
+    v, bases = fitted
+    x = images_for(v, 4)
+    with torch.no_grad():
+        plain_err = _rel(copy.deepcopy(v).to(dtype)(x.to(dtype)), v(x))  # the model's own low-precision error
+        for variant in ("coarse", "fine", "full"):
+            fused = rf.ResiDualVisual(copy.deepcopy(v), rf.ResiDual.from_bases(bases, variant))
+            want = fused(x)
+            merged = _cast(copy.deepcopy(fused).merge(), dtype, how)
+            fused = _cast(fused, dtype, how)
+            # the adapter's own state stays in fp32 (the forward accumulates in fp32 anyway)
+            assert all(p.dtype == torch.float32 for p in fused.adapter.parameters())
+            for module in (fused, merged):
+                got = module(x.to(dtype))
+                assert got.dtype == dtype and torch.isfinite(got).all()
+                assert _rel(got, want) < 4 * plain_err, (variant, type(module).__name__)
+            # the fp32 adapter also wraps a model cast before wrapping, and merges from it
+            late = rf.ResiDualVisual(copy.deepcopy(v).to(dtype), rf.ResiDual.from_bases(bases, variant))
+            assert _rel(late(x.to(dtype)), want) < 4 * plain_err
+            assert _rel(late.merge()(x.to(dtype)), want) < 4 * plain_err
+
+
+@pytest.mark.parametrize("dtype", HALF)
+def test_row3_residual_on_cached_half_activations(fitted, dtype):
+    v, bases = fitted
+    x = images_for(v, 4)
+    half_model = copy.deepcopy(v).to(dtype)
+    with torch.no_grad():
+        plain_err = _rel(half_model(x.to(dtype)), v(x))
+        acts32 = rf.capture(v, x)
+        acts16 = rf.capture(half_model, x.to(dtype))
+        for variant in ("coarse", "fine", "full"):
+            adapter = rf.ResiDual.from_bases(bases, variant)
+            want = adapter(acts32)
+            ref_same_acts = adapter(acts16)
+            cast = _cast(copy.deepcopy(adapter), dtype, "method")
+            # casting the adapter adds no rounding of its own: same activations, same numbers
+            torch.testing.assert_close(cast(acts16), ref_same_acts, rtol=1e-5, atol=1e-6)
+            assert _rel(_cast(copy.deepcopy(adapter), dtype, "to")(acts16), want) < 4 * plain_err
+
+
+# -- row 8: capture takes a model; decompose / fit_bases refuse an adapted encoder ---------------------
+def test_row8_capture_takes_the_model_or_its_adapter(fitted):
+    v, bases = fitted
+    x = images_for(v, 3)
+    with torch.no_grad():
+        direct = rf.capture(v, x)
+        via = rf.capture(rf.get_adapter(v), x)
+        torch.testing.assert_close(direct.output, v(x), rtol=1e-5, atol=1e-5)  # the model's own forward
+    torch.testing.assert_close(direct.attn_raw, via.attn_raw, rtol=0, atol=0)
+    fused = rf.ResiDualVisual(v, rf.ResiDual.from_bases(bases, "fine"))
+    for call in (lambda: rf.capture(fused, x), lambda: rf.decompose(fused, x),
+                 lambda: rf.fit_bases(fused, [x], progress=False),
+                 lambda: rf.fit_bases(fused.merge(), [x], progress=False)):
+        with pytest.raises(TypeError, match="adapted encoder"):
+            call()
