@@ -31,6 +31,7 @@ from torch import nn
 
 from .lean import LeanReadout, LeanSink, fold_lean
 from .models import fingerprint_mismatch, get_adapter
+from .models.hf import adapted_output, features_output, refuse_unadapted_options
 from .ops.spectral_reweight import acc_dtype
 from .residual import ResiDual
 
@@ -55,11 +56,38 @@ class _AdaptedEncoder(nn.Module):
         self._fingerprint = spec.fingerprint(readout_only=True)
         self._seen = self._weights_state()
 
+    # methods of the wrapped model that compute no image features: forwarded as they are
+    FORWARDED_METHODS = frozenset({"get_text_features", "lock", "lock_image_tower", "set_grad_checkpointing",
+                                   "gradient_checkpointing_enable", "gradient_checkpointing_disable",
+                                   "get_input_embeddings", "num_parameters"})
+
     def __getattr__(self, name: str):
+        """Attributes of the wrapped model (``image_size``, ``config``, ...), never its unadapted image paths.
+
+        Data attributes, the methods in :attr:`FORWARDED_METHODS` and submodules off the
+        vision path (a CLIP text tower) are forwarded. Other methods and vision submodules
+        (``forward_features``, ``vision_model``, ...) would compute the base model's image
+        features: they raise, naming ``.wrapped_visual`` for explicit access to the base model.
+        """
         try:
             return super().__getattr__(name)
         except AttributeError:
-            return getattr(super().__getattr__("wrapped_visual"), name)
+            pass
+        inner = super().__getattr__("wrapped_visual")
+        value = getattr(inner, name)
+        if not callable(value) or name in self.FORWARDED_METHODS:
+            return value
+        if isinstance(value, nn.Module) and not any(id(p) in self._vision_params() for p in value.parameters()):
+            return value
+        raise AttributeError(
+            f"{type(self).__name__} does not forward {name!r} of the wrapped {type(inner).__name__}: it would "
+            f"compute the base model's (unadapted) image features. Call the adapted module itself (or "
+            f"get_image_features), or .wrapped_visual.{name} for the base model explicitly")
+
+    def _vision_params(self) -> set[int]:
+        parts = getattr(self._walker, "vision_parts", None)  # set where the model also has a text tower
+        mods = [m for _, m in parts if m is not None] if parts else [self.wrapped_visual]
+        return {id(p) for m in mods for p in m.parameters()}
 
     # -- watching the wrapped model -------------------------------------------------------------
     def _weights_state(self) -> tuple:
@@ -102,7 +130,45 @@ class _AdaptedEncoder(nn.Module):
     def _lean(self, dtype: torch.dtype, acc_dtype: torch.dtype, device: torch.device) -> LeanReadout:
         raise NotImplementedError
 
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
+    def forward(self, images: torch.Tensor | None = None, *, pixel_values: torch.Tensor | None = None, **kwargs):
+        """Adapted features of ``images``.
+
+        A positional call returns the feature tensor ``(n, D)`` (what the model's decomposed
+        output is, for every family). A keyword call ``(pixel_values=..., **kwargs)`` behaves
+        like the wrapped HF model: its own output class with the adapted features in the
+        decomposed field (``pooler_output``, ``image_embeds``, ``logits``; a ``CLIPModel`` needs
+        ``input_ids`` and scores the adapted image embeddings), see
+        :func:`residual_fast.models.hf.adapted_output`.
+        """
+        if pixel_values is None:
+            if images is None:
+                raise TypeError("no images: call with the image tensor (positionally) or pixel_values=")
+            if kwargs:
+                raise TypeError(f"unexpected arguments {sorted(kwargs)}: HF-style calls pass pixel_values=")
+            return self._features(images)
+        if images is not None:
+            raise TypeError("give the images positionally or as pixel_values=, not both")
+        if not self._walker.family.startswith("hf_"):
+            if kwargs:
+                raise TypeError(f"unexpected arguments {sorted(kwargs)} for a {self._walker.family} model")
+            return self._features(pixel_values)
+        return adapted_output(self.wrapped_visual, self._features, pixel_values, kwargs)
+
+    def get_image_features(self, pixel_values: torch.Tensor | None = None, interpolate_pos_encoding: bool = False,
+                           return_dict: bool | None = None, **kwargs):
+        """The adapted ``get_image_features`` of a wrapped HF ``CLIPModel`` (same return type as the model's)."""
+        if not hasattr(self.wrapped_visual, "get_image_features"):
+            raise TypeError(f"the wrapped {type(self.wrapped_visual).__name__} has no get_image_features; call the "
+                            "adapted module itself")
+        if pixel_values is None:
+            raise TypeError("get_image_features needs pixel_values")
+        kwargs["interpolate_pos_encoding"] = interpolate_pos_encoding
+        refuse_unadapted_options(kwargs)
+        if kwargs:
+            raise TypeError(f"get_image_features of the adapted model does not take {sorted(kwargs)}")
+        return features_output(self._features(pixel_values), return_dict)
+
+    def _features(self, images: torch.Tensor) -> torch.Tensor:
         self._check_model()
         self._walker.check_images(images)
         dtype = next(self.wrapped_visual.parameters()).dtype

@@ -92,3 +92,82 @@ def test_row8_capture_takes_the_model_or_its_adapter(fitted):
                  lambda: rf.fit_bases(fused.merge(), [x], progress=False)):
         with pytest.raises(TypeError, match="adapted encoder"):
             call()
+
+
+# -- row 4: HF-native wrapping ---------------------------------------------------------------------------
+def _hf(name):
+    import transformers as tf
+
+    vision = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, image_size=32,
+                  patch_size=8)
+    text = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2)
+    torch.manual_seed(0)
+    if name == "clip":
+        return tf.CLIPModel(tf.CLIPConfig(text_config=text, vision_config=vision, projection_dim=40)).eval()
+    if name == "vision_proj":
+        return tf.CLIPVisionModelWithProjection(tf.CLIPVisionConfig(**vision, projection_dim=48)).eval()
+    return tf.ViTForImageClassification(tf.ViTConfig(**vision, num_labels=7)).eval()
+
+
+def _adapted(model):
+    g = torch.Generator().manual_seed(3)
+    calib = torch.randn(48, 3, 32, 32, generator=g)
+    adapter = rf.ResiDual.from_bases(rf.fit_bases(model, [calib], progress=False), "fine")
+    fused = rf.ResiDualVisual(model, adapter)
+    x = torch.randn(3, 3, 32, 32, generator=g)
+    return fused, x
+
+
+def test_row4_hf_clip_model_keyword_calls_are_adapted():
+    import transformers as tf
+
+    model = _hf("clip")
+    fused, x = _adapted(model)
+    with torch.no_grad():
+        want = fused(x)  # the positional call: the adapted features, as before
+        plain = model.get_image_features(pixel_values=x)
+        plain = plain if isinstance(plain, torch.Tensor) else plain.pooler_output
+        assert _rel(want, plain) > 1e-2  # the adapter changes the features: the checks below can fail
+        for module in (fused, fused.merge()):
+            out = module.get_image_features(pixel_values=x)
+            assert type(out) is type(model.get_image_features(pixel_values=x))
+            torch.testing.assert_close(out if isinstance(out, torch.Tensor) else out.pooler_output, want)
+            ids = torch.tensor([[49406, 5, 6, 49407, 0], [49406, 7, 49407, 0, 0]])
+            res = module(pixel_values=x, input_ids=ids, return_loss=False)
+            assert isinstance(res, tf.models.clip.modeling_clip.CLIPOutput)
+            # independent: the model's own text features and logit scale against the adapted image embeddings
+            t = model.get_text_features(input_ids=ids)
+            t = t if isinstance(t, torch.Tensor) else t.pooler_output
+            t = t / t.norm(dim=-1, keepdim=True)
+            i = want / want.norm(dim=-1, keepdim=True)
+            torch.testing.assert_close(res.logits_per_image, model.logit_scale.exp() * i @ t.T)
+            torch.testing.assert_close(res.image_embeds, i)
+            with pytest.raises(TypeError, match="input_ids"):
+                module(pixel_values=x)
+            for name in ("vision_model", "visual_projection"):  # unadapted image paths are not forwarded
+                with pytest.raises(AttributeError, match="unadapted"):
+                    getattr(module, name)
+            assert module.text_model is model.text_model and module.config is model.config
+            with pytest.raises(ValueError, match="output_hidden_states"):
+                module.get_image_features(pixel_values=x, output_hidden_states=True)
+
+
+@pytest.mark.parametrize("name", ["vision_proj", "vit_classifier"])
+def test_row4_hf_forward_returns_the_models_output_class(name):
+    model = _hf(name)
+    fused, x = _adapted(model)
+    field = "image_embeds" if name == "vision_proj" else "logits"
+    with torch.no_grad():
+        want = fused(x)
+        own = model(pixel_values=x)
+        for module in (fused, fused.merge()):
+            out = module(pixel_values=x)
+            assert type(out) is type(own)
+            torch.testing.assert_close(getattr(out, field), want)
+            assert _rel(getattr(out, field), getattr(own, field)) > 1e-2
+            assert module(pixel_values=x, return_dict=False)[0].shape == want.shape
+            with pytest.raises(AttributeError, match="unadapted"):
+                module.vit if name == "vit_classifier" else module.vision_model  # noqa: B018
+            if name == "vit_classifier":
+                with pytest.raises(TypeError, match="no get_image_features"):
+                    module.get_image_features(pixel_values=x)
