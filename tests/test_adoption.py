@@ -171,3 +171,56 @@ def test_row4_hf_forward_returns_the_models_output_class(name):
             if name == "vit_classifier":
                 with pytest.raises(TypeError, match="no get_image_features"):
                     module.get_image_features(pixel_values=x)
+
+
+# -- row 5: zero-shot heads from HF CLIP and from rf.load; an offline tokenizer for random HF CLIP ------------
+TEXT_CFG = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2)
+VISION_CFG = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, image_size=32,
+                  patch_size=8)
+
+
+@pytest.mark.parametrize("eos", [49407, 2])  # current configs pool at eos_token_id, legacy ones at argmax(ids)
+def test_row5_offline_tokenizer_and_zero_shot_head_for_hf_clip(eos):
+    import transformers as tf
+
+    from residual_fast.classifiers import zero_shot_head
+
+    cfg = tf.CLIPConfig(text_config={**TEXT_CFG, "eos_token_id": eos}, vision_config=VISION_CFG, projection_dim=40)
+    loaded = rf.load("hf:random-clip", pretrained=False, config=cfg)
+    assert loaded.tokenizer is not None and loaded.encode_text is not None
+    model = loaded.model
+
+    def own(ids):  # the model on exactly the text's tokens: no padding convention involved
+        out = model.get_text_features(input_ids=torch.tensor([ids]))
+        return out if isinstance(out, torch.Tensor) else out.pooler_output
+
+    with torch.no_grad():
+        got = loaded.encode_text(["a cat", "a " * 200 + "dog"])
+        # "a cat" in CLIP's BPE: <start> a cat <end>
+        torch.testing.assert_close(got[0], own([49406, 320, 2368, 49407])[0], rtol=1e-5, atol=1e-5)
+        long = [49406] + [320] * 75 + [49407]  # truncated to the 77 positions with the end token kept last
+        torch.testing.assert_close(got[1], own(long)[0], rtol=1e-5, atol=1e-5)
+        names, templates = ["cat", "dog"], ["a photo of a {c}.", "a {c}."]
+        heads = [zero_shot_head(model, None, names, templates, progress=False),
+                 zero_shot_head(loaded, None, names, templates, progress=False),
+                 zero_shot_head(_adapted(model)[0], None, names, templates, progress=False)]
+        e = torch.nn.functional.normalize(loaded.encode_text(["a photo of a cat.", "a cat."]), dim=-1)
+        want = torch.nn.functional.normalize(e.mean(0), dim=-1)
+    for head in heads:
+        torch.testing.assert_close(head.weights[0], want, rtol=1e-5, atol=1e-5)
+        assert head.logit_scale == pytest.approx(model.logit_scale.exp().item())
+
+
+def test_row5_clear_errors_without_a_text_encoder():
+    import transformers as tf
+
+    from residual_fast.classifiers import zero_shot_head
+
+    vit = rf.load("hf:random-vit", pretrained=False, config=tf.ViTConfig(**VISION_CFG))
+    with pytest.raises(TypeError, match="no text tower"):
+        zero_shot_head(vit, None, ["a"], ["{c}"], progress=False)
+    bad = tf.CLIPConfig(text_config={**TEXT_CFG, "eos_token_id": 5}, vision_config=VISION_CFG, projection_dim=40)
+    odd = rf.load("hf:odd-clip", pretrained=False, config=bad)
+    assert odd.encode_text is None and "eos_token_id=5" in odd.no_text_reason
+    with pytest.raises(TypeError, match="eos_token_id=5"):
+        zero_shot_head(odd, None, ["a"], ["{c}"], progress=False)
