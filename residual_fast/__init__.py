@@ -5,6 +5,7 @@ from .decompose import Decomposition, capture, decompose
 from .fused import MergedResiDualVisual, ResiDualVisual
 from .loading import LoadedModel, load
 from .models import UnsupportedModelError, get_adapter
+from .pretrained import from_pretrained, get_residual_model, save_pretrained
 from .residual import VARIANTS, ResiDual
 from .spectral import SpectralBases, UnitMoments, accumulate_moments, fit_bases
 from .units import Activations, UnitTable
@@ -26,6 +27,9 @@ __all__ = [
     "capture",
     "decompose",
     "fit_bases",
+    "from_pretrained",
     "get_adapter",
+    "get_residual_model",
     "load",
+    "save_pretrained",
 ]

@@ -26,12 +26,17 @@ does not guard on ``_version``): merge and compile again after changing weights.
 
 from __future__ import annotations
 
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
 import torch
 from torch import nn
 
 from .lean import LeanReadout, LeanSink, fold_lean
 from .models import fingerprint_mismatch, get_adapter
-from .models.hf import adapted_output, features_output, refuse_unadapted_options
+from .models.hf import adapted_output, features_output, own_output, refuse_unadapted_options
 from .ops.spectral_reweight import acc_dtype
 from .residual import ResiDual
 
@@ -55,6 +60,7 @@ class _AdaptedEncoder(nn.Module):
         self._num_heads = spec.num_heads
         self._fingerprint = spec.fingerprint(readout_only=True)
         self._seen = self._weights_state()
+        self._adapter_disabled = False
 
     # methods of the wrapped model that compute no image features: forwarded as they are
     FORWARDED_METHODS = frozenset({"get_text_features", "lock", "lock_image_tower", "set_grad_checkpointing",
@@ -168,7 +174,30 @@ class _AdaptedEncoder(nn.Module):
             raise TypeError(f"get_image_features of the adapted model does not take {sorted(kwargs)}")
         return features_output(self._features(pixel_values), return_dict)
 
+    # -- the PEFT-style surface ----------------------------------------------------------------------
+    def unload(self) -> nn.Module:
+        """The base model, untouched (wrapping never changes it): like PEFT's ``unload``."""
+        return self.wrapped_visual
+
+    @contextmanager
+    def disable_adapter(self) -> Iterator[None]:
+        """Within this context, calls return the base model's own output (like PEFT's ``disable_adapter``)."""
+        was = self._adapter_disabled
+        self._adapter_disabled = True
+        try:
+            yield
+        finally:
+            self._adapter_disabled = was
+
+    def _base_output(self, images: torch.Tensor) -> torch.Tensor:
+        """The base model's own forward for the output the adapter replaces."""
+        if self._walker.family.startswith("hf_"):
+            return own_output(self.wrapped_visual, images)
+        return self.wrapped_visual(images)
+
     def _features(self, images: torch.Tensor) -> torch.Tensor:
+        if self._adapter_disabled:
+            return self._base_output(images)
         self._check_model()
         self._walker.check_images(images)
         dtype = next(self.wrapped_visual.parameters()).dtype
@@ -233,6 +262,32 @@ class ResiDualVisual(_AdaptedEncoder):
         self._cache = None
         return super()._apply(fn, *args, **kwargs)
 
+    def save_pretrained(self, directory: str | os.PathLike, *, include_bases: bool = False,
+                        base_model_name_or_path: str | None = None) -> Path:
+        """Write the adapter (float32 safetensors + JSON) to ``directory``: :func:`residual_fast.save_pretrained`."""
+        from .pretrained import save_pretrained
+
+        return save_pretrained(self, directory, include_bases=include_bases,
+                               base_model_name_or_path=base_model_name_or_path)
+
+    @classmethod
+    def from_pretrained(cls, model: nn.Module, directory: str | os.PathLike, *, backend: str = "auto"
+                        ) -> ResiDualVisual:
+        """``model`` with the adapter saved in ``directory``; see :func:`residual_fast.from_pretrained`."""
+        from .pretrained import from_pretrained
+
+        return from_pretrained(model, directory, backend=backend)
+
+    def adapter_state_dict(self, include_bases: bool = False) -> dict[str, torch.Tensor]:
+        """What :meth:`save_pretrained` writes, under the file's keys (PEFT's ``get_peft_model_state_dict``).
+
+        ``state_dict()`` stays the ``nn.Module`` one (the wrapped model's weights and the adapter's
+        buffers, for ``load_state_dict`` and checkpoints of the whole module).
+        """
+        from .pretrained import adapter_tensors
+
+        return adapter_tensors(self, include_bases)
+
     @torch.no_grad()
     def merge(self) -> MergedResiDualVisual:
         """A frozen inference module with the same forward, holding only the lean readout.
@@ -281,6 +336,18 @@ class MergedResiDualVisual(_AdaptedEncoder):
         b = self._buffers
         return LeanReadout(b.get("head_A"), b.get("head_scale"), b.get("mlp_M"), b.get("emb_M"), b["v1"], b["v2"],
                            b["c"], self._add_output, self._head_weight)
+
+    @classmethod
+    def from_pretrained(cls, model: nn.Module, directory: str | os.PathLike, *, backend: str = "auto"
+                        ) -> MergedResiDualVisual:
+        """``model`` with the adapter saved in ``directory``, merged (inference only)."""
+        from .pretrained import from_pretrained
+
+        return from_pretrained(model, directory, merged=True, backend=backend)
+
+    def save_pretrained(self, *args, **kwargs):
+        raise TypeError("a merged module keeps no lambdas or bases: call save_pretrained on the ResiDualVisual it "
+                        "was merged from")
 
     def extra_repr(self) -> str:
         shapes = {n: tuple(t.shape) for n, t in self._buffers.items() if n in LeanReadout.TENSORS}

@@ -224,3 +224,110 @@ def test_row5_clear_errors_without_a_text_encoder():
     assert odd.encode_text is None and "eos_token_id=5" in odd.no_text_reason
     with pytest.raises(TypeError, match="eos_token_id=5"):
         zero_shot_head(odd, None, ["a"], ["{c}"], progress=False)
+
+
+# -- row 10 / deliverable 4: the PEFT-style surface -----------------------------------------------------------
+def test_peft_style_round_trip_small_float32_files(tmp_path, fitted):
+    import json
+    import os
+    import stat
+
+    from safetensors.torch import load_file
+
+    from residual_fast.serialization import META, TENSORS
+
+    v, _ = fitted
+    calib = images_for(v, 64, seed=1)
+    x = images_for(v, 3)
+    model = rf.get_residual_model(v, calib, "fine")
+    assert isinstance(model, rf.ResiDualVisual)
+    with torch.no_grad():
+        model.adapter.lambdas["head"].mul_(0.5).add_(0.3)  # "trained"
+        want = model(x)
+        plain = v(x)
+    model.save_pretrained(tmp_path / "lean", base_model_name_or_path="my/vit")
+    model.save_pretrained(tmp_path / "full", include_bases=True)
+    old_adapter = tmp_path / "old"
+    model.adapter.save(old_adapter)
+    lean_bytes = (tmp_path / "lean" / TENSORS).stat().st_size
+    # float32 and far smaller than the float64 bases of the old format
+    assert lean_bytes < (old_adapter / TENSORS).stat().st_size / 4
+    for folder in ("lean", "full"):
+        tensors = load_file(str(tmp_path / folder / TENSORS))
+        assert all(t.dtype in (torch.float32, torch.int64) for t in tensors.values())
+        assert set(tensors) == set(model.adapter_state_dict(include_bases=folder == "full"))
+        for name in (TENSORS, META):  # the usual mode for new files, not 0600
+            mode = stat.S_IMODE(os.stat(tmp_path / folder / name).st_mode)
+            assert mode & stat.S_IRGRP, oct(mode)
+    meta = json.loads((tmp_path / "lean" / META).read_text())
+    assert meta["base_model_name_or_path"] == "my/vit" and meta["fingerprint"] == model.adapter.fingerprint
+    for folder in ("lean", "full"):
+        back = rf.from_pretrained(copy.deepcopy(v), tmp_path / folder)
+        merged = rf.MergedResiDualVisual.from_pretrained(copy.deepcopy(v), tmp_path / folder)
+        assert isinstance(back, rf.ResiDualVisual) and isinstance(merged, rf.MergedResiDualVisual)
+        with torch.no_grad():
+            assert _rel(back(x), want) < 1e-5 and _rel(merged(x), want) < 1e-5
+        with torch.no_grad():  # onto the same model in bf16: as close as the model's own bf16 error allows
+            half = copy.deepcopy(v).bfloat16()
+            plain_err = _rel(half(x.bfloat16()), plain)
+            assert _rel(rf.from_pretrained(half, tmp_path / folder, merged=True)(x.bfloat16()), want) < 4 * plain_err
+        # the loaded lambdas train on: gradients reach them
+        back(x).sum().backward()
+        assert back.adapter.lambdas["head"].grad.abs().sum() > 0
+    # unload gives the untouched base model; disable_adapter runs it temporarily
+    assert model.unload() is v
+    with torch.no_grad():
+        with model.disable_adapter():
+            torch.testing.assert_close(model(x), plain, rtol=0, atol=0)
+        assert _rel(model(x), want) == 0 and _rel(want, plain) > 1e-2
+    with pytest.raises(TypeError, match="merged"):
+        model.merge().save_pretrained(tmp_path / "m")
+
+
+def test_peft_style_files_are_validated(tmp_path, fitted):
+    import json
+
+    from safetensors.torch import load_file, save_file
+
+    from residual_fast.serialization import META, TENSORS, CorruptFileError, sha256_file
+
+    v, bases = fitted
+    model = rf.ResiDualVisual(v, rf.ResiDual.from_bases(bases, "fine"))
+    model.save_pretrained(tmp_path / "a")
+    other = small_visual("w64h4p8", seed=5)
+    with pytest.raises(ValueError, match="another model"):
+        rf.from_pretrained(other, tmp_path / "a")
+    with pytest.raises(TypeError, match="adapted encoder"):
+        rf.from_pretrained(model, tmp_path / "a")
+
+    def tamper(edit_tensors=None, edit_meta=None):
+        d = tmp_path / "t"
+        if d.exists():
+            for f in d.iterdir():
+                f.unlink()
+        model.save_pretrained(d)
+        if edit_tensors:
+            t = load_file(str(d / TENSORS))
+            edit_tensors(t)
+            save_file(t, str(d / TENSORS))
+        meta = json.loads((d / META).read_text())
+        if edit_meta:
+            edit_meta(meta)
+        meta["tensors_sha256"] = sha256_file(d / TENSORS)  # a consistent checksum: the content checks must catch it
+        (d / META).write_text(json.dumps(meta))
+        return d
+
+    cases = [
+        (lambda t: t.__setitem__("head.coordinates", t["head.coordinates"][:-1]), None, "shape"),
+        (lambda t: t.__setitem__("extra", torch.zeros(2)), None, "unexpected"),
+        (lambda t: t["head.lambda"].__setitem__(0, float("nan")), None, "NaN"),
+        (None, lambda m: m.__setitem__("padding", 3), "padding"),
+        (None, lambda m: m.__setitem__("base_model_name_or_path", 5), "base_model_name_or_path"),
+        (None, lambda m: m.pop("family"), "family"),
+    ]
+    for et, em, match in cases:
+        with pytest.raises(CorruptFileError, match=match):
+            rf.from_pretrained(v, tamper(et, em))
+    (tmp_path / "a" / TENSORS).write_bytes(b"garbage")
+    with pytest.raises(CorruptFileError, match="checksum"):
+        rf.from_pretrained(v, tmp_path / "a")
