@@ -1,6 +1,7 @@
 """residual_fast: exact, fast ResiDual (arXiv 2411.00246) for vision transformers."""
 
 from ._version import __version__
+from .classifiers import prototype_head, zero_shot_head
 from .decompose import Decomposition, capture, decompose
 from .fused import MergedResiDualVisual, ResiDualVisual
 from .loading import LoadedModel, load
@@ -31,5 +32,7 @@ __all__ = [
     "get_adapter",
     "get_residual_model",
     "load",
+    "prototype_head",
     "save_pretrained",
+    "zero_shot_head",
 ]

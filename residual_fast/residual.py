@@ -246,8 +246,11 @@ class ResiDual(nn.Module):
             ablation: what the non-adapted units contribute: ``"sum"`` (their contributions),
                 ``"mean"`` (their calibration means) or ``"zero"``.
             add_means: add the adapted units' calibration means back (the paper's code does not).
-            init: lambda initialization: ``"ones"``, ``"randn"`` (N(1, 1), seeded) or ``"eigen"``
-                (each component's standard deviation, ``sqrt(eigenvalue)``).
+            init: lambda initialization: ``"randn"`` (the default, the paper's: N(1, 1), seeded),
+                ``"ones"`` (every kept component at weight 1) or ``"eigen"`` (each component's standard
+                deviation, ``sqrt(eigenvalue)``). No init is an identity start in general: the
+                adapted model differs from the base model before training (``fine`` drops the
+                other units and the kept ones' means; ``randn`` perturbs every weight).
             seed: seed of the ``randn`` initialization.
         """
         if not isinstance(bases, SpectralBases):

@@ -268,6 +268,18 @@ class SpectralBases:
         k = (cum <= threshold - 1e-12).sum(dim=-1) + 1
         return torch.minimum(k, self.rank(kind)).clamp_min(1)
 
+    def __repr__(self) -> str:
+        """Shapes and ranks at a glance (never the tensors)."""
+        s = self.spec
+        parts = []
+        for kind in self.units:
+            r = self.rank(kind)
+            k90 = self.k_for_evr(kind, 0.9).double().mean().item()
+            parts.append(f"{kind}: {r.numel()} units, rank {int(r.min())}-{int(r.max())}, "
+                         f"k at 90% EVR {k90:.1f} on average")
+        return (f"SpectralBases(family={s.family!r}, layers={s.num_layers}, heads={s.num_heads}, width={s.width}, "
+                f"out_dim={s.out_dim}, samples={self.num_samples}, " + "; ".join(parts) + ")")
+
     def summary(self) -> dict[str, Any]:
         out = {"num_samples": self.num_samples, "units": list(self.units)}
         for kind in self.units:

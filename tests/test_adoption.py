@@ -331,3 +331,14 @@ def test_peft_style_files_are_validated(tmp_path, fitted):
     (tmp_path / "a" / TENSORS).write_bytes(b"garbage")
     with pytest.raises(CorruptFileError, match="checksum"):
         rf.from_pretrained(v, tmp_path / "a")
+
+
+def test_row10_readable_bases_repr_and_labeled_report_numbers(fitted):
+    from residual_fast.analysis.report import describe_md
+
+    _, bases = fitted
+    text = repr(bases)
+    assert text.startswith("SpectralBases(") and "samples=64" in text and "head: 8 units" in text
+    assert "mlp: 2 units" in text and "tensor(" not in text and len(text) < 400
+    line = describe_md("TextSpan", [("red", 0.125), ("stripes", 0.5)])
+    assert "1. red (cumulative explained variance 12.5%)" in line and "2. stripes" in line
