@@ -22,6 +22,7 @@ def test_quickstart_runs(tmp_path, monkeypatch):
     assert (tmp_path / "my_adapter" / "meta.json").is_file()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("family", ["open_clip", "HF CLIP", "timm ViT"])
 def test_peft_style_quickstarts_run(tmp_path, monkeypatch, family):
     """Each quickstart of the PEFT-style section runs offline as written, and its adapted features are adapted."""
