@@ -360,3 +360,16 @@ def test_peft_style_round_trip_of_every_variant(tmp_path, fitted, variant, optio
         back = rf.from_pretrained(v, tmp_path / "a")
         assert _rel(back(x), want) < 1e-5
         assert back.adapter.ks() == model.adapter.ks() and back.adapter.variant == variant
+
+
+def test_row10_saved_files_get_the_usual_mode(tmp_path, fitted):
+    import os
+    import stat
+
+    _, bases = fitted
+    rf.ResiDual.from_bases(bases, "fine").save(tmp_path / "a")
+    bases.save(tmp_path / "b")
+    mask = os.umask(0o022)
+    os.umask(mask)
+    for f in [*(tmp_path / "a").iterdir(), *(tmp_path / "b").iterdir()]:
+        assert stat.S_IMODE(f.stat().st_mode) == 0o666 & ~mask, f  # not safetensors' 0600
