@@ -23,6 +23,7 @@ from .serialization import (
     list_of,
     load_bundle,
     one_of,
+    optional,
     save_bundle,
 )
 from .spectral import SpectralBases, _check_kinds
@@ -374,8 +375,12 @@ class ResiDual(nn.Module):
         return self.means[rest.to(self.means.device)].sum(0)
 
     # -- persistence --------------------------------------------------------------
-    def save(self, path: str | os.PathLike) -> None:
-        """Write the adapter to the folder ``path`` (safetensors tensors + JSON metadata)."""
+    def save(self, path: str | os.PathLike, *, base_model_name_or_path: str | None = None) -> None:
+        """Write the adapter to the folder ``path`` (safetensors tensors + JSON metadata), exactly (float64 bases).
+
+        ``base_model_name_or_path`` is recorded for people; the model check on load is by
+        fingerprint. For small float32 files see :meth:`residual_fast.ResiDualVisual.save_pretrained`.
+        """
         tensors = {"means": self.means}
         for kind, g in self.groups.items():
             for name in ("components", "offsets", "zmean", "eigenvalues"):
@@ -395,6 +400,7 @@ class ResiDual(nn.Module):
             "seed": self.seed,
             "num_parameters": self.num_parameters(),
             "fingerprint": self.fingerprint,
+            "base_model_name_or_path": base_model_name_or_path,
         }
         save_bundle(path, tensors, meta)
 
@@ -415,6 +421,8 @@ class ResiDual(nn.Module):
             "add_means": is_bool, "init": one_of(*INITS), "seed": is_int(), "num_parameters": is_int(0),
             "fingerprint": is_dict,
         }, where)
+        if "base_model_name_or_path" in meta:  # absent from files of earlier versions
+            check_meta(meta, {"base_model_name_or_path": optional(is_str)}, where)
         spec = get_adapter(visual).spec()
         why = fingerprint_mismatch(meta["fingerprint"], spec.fingerprint())
         if why:

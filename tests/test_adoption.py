@@ -363,11 +363,14 @@ def test_peft_style_round_trip_of_every_variant(tmp_path, fitted, variant, optio
 
 
 def test_row10_saved_files_get_the_usual_mode(tmp_path, fitted):
+    import json
     import os
     import stat
 
-    _, bases = fitted
-    rf.ResiDual.from_bases(bases, "fine").save(tmp_path / "a")
+    v, bases = fitted
+    rf.ResiDual.from_bases(bases, "fine").save(tmp_path / "a", base_model_name_or_path="open_clip:tiny")
+    assert json.loads((tmp_path / "a" / "meta.json").read_text())["base_model_name_or_path"] == "open_clip:tiny"
+    rf.ResiDual.load(tmp_path / "a", v)
     bases.save(tmp_path / "b")
     mask = os.umask(0o022)
     os.umask(mask)
