@@ -57,15 +57,38 @@ def text_head(encode_text: Callable[[list[str]], torch.Tensor], classnames: Sequ
     return Classifier(torch.stack(weights), logit_scale, normalize)
 
 
-def zero_shot_head(model: nn.Module, tokenizer, classnames: Sequence[str], templates: Sequence, *,
+def zero_shot_head(model, tokenizer=None, classnames: Sequence[str] = (), templates: Sequence = (), *,
                    batch_size: int = 256, progress: bool = True, normalize: bool = True) -> Classifier:
-    """Zero-shot classifier from an open_clip CLIP's ``encode_text`` over ``templates x classnames``."""
-    if not hasattr(model, "encode_text"):
-        raise TypeError(f"{type(model).__name__} has no text tower (encode_text); use prototype_head instead")
-    device = next(model.parameters()).device
-    scale = model.logit_scale.exp().item() if hasattr(model, "logit_scale") else 100.0
-    return text_head(lambda texts: model.encode_text(tokenizer(texts).to(device)), classnames, templates,
-                     logit_scale=scale, batch_size=batch_size, progress=progress, normalize=normalize)
+    """Zero-shot classifier from a CLIP text tower over ``templates x classnames``.
+
+    ``model`` is an open_clip CLIP (``encode_text``; ``tokenizer`` required, e.g.
+    ``open_clip.get_tokenizer(name)``), an HF ``CLIPModel`` (``get_text_features``; ``tokenizer``
+    is its HF tokenizer, or None for CLIP's BPE built offline, see
+    :class:`residual_fast.loading.OfflineCLIPTokenizer`), an adapted encoder wrapping one, or what
+    :func:`residual_fast.load` returns (its ``encode_text``; ``tokenizer`` is ignored). The logit
+    scale is the model's own (``exp(logit_scale)``), else 100.
+    """
+    from .loading import LoadedModel, hf_clip_text_encoder
+
+    if isinstance(model, LoadedModel):
+        if model.encode_text is None:
+            raise TypeError(f"{model.name} gives no text encoder ({model.no_text_reason or 'no text tower'}); use "
+                            "prototype_head instead")
+        encode, owner = model.encode_text, model.model
+    elif hasattr(model, "encode_text"):
+        if tokenizer is None:
+            raise TypeError("an open_clip model needs its tokenizer: zero_shot_head(model, "
+                            "open_clip.get_tokenizer(name), ...)")
+        device = next(model.parameters()).device
+        encode, owner = (lambda texts: model.encode_text(tokenizer(texts).to(device))), model
+    elif hasattr(model, "get_text_features"):
+        encode, owner = hf_clip_text_encoder(model, tokenizer), model
+    else:
+        raise TypeError(f"{type(model).__name__} has no text tower (encode_text / get_text_features); use "
+                        "prototype_head instead")
+    scale = owner.logit_scale.exp().item() if isinstance(getattr(owner, "logit_scale", None), torch.Tensor) else 100.0
+    return text_head(encode, classnames, templates, logit_scale=scale, batch_size=batch_size, progress=progress,
+                     normalize=normalize)
 
 
 def prototype_head(features: torch.Tensor, labels: torch.Tensor, num_classes: int | None = None, *,

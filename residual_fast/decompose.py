@@ -48,12 +48,29 @@ def eval_mode(module: nn.Module):
         module.train(was)
 
 
-def capture(adapter: VisualAdapter, images: torch.Tensor) -> Activations:
-    """One forward pass collecting every unit's raw vector at the pooled position."""
+def capture(adapter: VisualAdapter | nn.Module, images: torch.Tensor) -> Activations:
+    """One forward pass collecting every unit's raw vector at the pooled position.
+
+    Args:
+        adapter: the model itself (its image tower, as for :func:`decompose`) or the family
+            adapter :func:`residual_fast.get_adapter` returns for it. An adapted encoder
+            (:class:`residual_fast.ResiDualVisual`) is refused: its output is not the model's.
+        images: preprocessed images ``(n, C, H, W)`` on the model's device.
+    """
+    if not isinstance(adapter, VisualAdapter):
+        adapter = get_adapter(_plain(adapter, "capture"))
     adapter.check_images(images)
     acts = Activations()
     z, out = adapter.walk(images, acts)
     return acts.finish(z, out)
+
+
+def _plain(visual: nn.Module, what: str) -> nn.Module:
+    """``visual`` unless it is an adapted encoder, which is refused with what to pass instead."""
+    if isinstance(visual, nn.Module) and "wrapped_visual" in visual._modules:
+        raise TypeError(f"{what} takes the plain model; this is an adapted encoder ({type(visual).__name__}), whose "
+                        f"output is not the model's. Pass its base model (.wrapped_visual or .unload())")
+    return visual
 
 
 def contributions_from_activations(acts: Activations, spec: ReadoutSpec, table: UnitTable) -> torch.Tensor:
@@ -90,14 +107,16 @@ def decompose(visual: nn.Module, images: torch.Tensor) -> Decomposition:
     """Exact decomposition of ``visual(images)`` into its residual units.
 
     Args:
-        visual: the image tower (for open_clip, ``model.visual``).
+        visual: the image tower (for open_clip, ``model.visual``); an adapted encoder
+            (:class:`residual_fast.ResiDualVisual`) is refused rather than silently decomposing
+            the model it wraps.
         images: preprocessed images ``(n, C, H, W)`` on the model's device.
 
     Returns:
         A :class:`Decomposition` whose ``contributions.sum(1)`` equals the model's
         output up to floating-point rounding.
     """
-    adapter = get_adapter(visual)
+    adapter = get_adapter(_plain(visual, "decompose"))
     with eval_mode(adapter.visual):
         acts = capture(adapter, images)
     spec = adapter.spec()

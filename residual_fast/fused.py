@@ -26,11 +26,17 @@ does not guard on ``_version``): merge and compile again after changing weights.
 
 from __future__ import annotations
 
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
 import torch
 from torch import nn
 
 from .lean import LeanReadout, LeanSink, fold_lean
 from .models import fingerprint_mismatch, get_adapter
+from .models.hf import adapted_output, features_output, own_output, refuse_unadapted_options
 from .ops.spectral_reweight import acc_dtype
 from .residual import ResiDual
 
@@ -54,12 +60,40 @@ class _AdaptedEncoder(nn.Module):
         self._num_heads = spec.num_heads
         self._fingerprint = spec.fingerprint(readout_only=True)
         self._seen = self._weights_state()
+        self._adapter_disabled = False
+
+    # methods of the wrapped model that compute no image features: forwarded as they are
+    FORWARDED_METHODS = frozenset({"get_text_features", "lock", "lock_image_tower", "set_grad_checkpointing",
+                                   "gradient_checkpointing_enable", "gradient_checkpointing_disable",
+                                   "get_input_embeddings", "num_parameters"})
 
     def __getattr__(self, name: str):
+        """Attributes of the wrapped model (``image_size``, ``config``, ...), never its unadapted image paths.
+
+        Data attributes, the methods in :attr:`FORWARDED_METHODS` and submodules off the
+        vision path (a CLIP text tower) are forwarded. Other methods and vision submodules
+        (``forward_features``, ``vision_model``, ...) would compute the base model's image
+        features: they raise, naming ``.wrapped_visual`` for explicit access to the base model.
+        """
         try:
             return super().__getattr__(name)
         except AttributeError:
-            return getattr(super().__getattr__("wrapped_visual"), name)
+            pass
+        inner = super().__getattr__("wrapped_visual")
+        value = getattr(inner, name)
+        if not callable(value) or name in self.FORWARDED_METHODS:
+            return value
+        if isinstance(value, nn.Module) and not any(id(p) in self._vision_params() for p in value.parameters()):
+            return value
+        raise AttributeError(
+            f"{type(self).__name__} does not forward {name!r} of the wrapped {type(inner).__name__}: it would "
+            f"compute the base model's (unadapted) image features. Call the adapted module itself (or "
+            f"get_image_features), or .wrapped_visual.{name} for the base model explicitly")
+
+    def _vision_params(self) -> set[int]:
+        parts = getattr(self._walker, "vision_parts", None)  # set where the model also has a text tower
+        mods = [m for _, m in parts if m is not None] if parts else [self.wrapped_visual]
+        return {id(p) for m in mods for p in m.parameters()}
 
     # -- watching the wrapped model -------------------------------------------------------------
     def _weights_state(self) -> tuple:
@@ -102,7 +136,68 @@ class _AdaptedEncoder(nn.Module):
     def _lean(self, dtype: torch.dtype, acc_dtype: torch.dtype, device: torch.device) -> LeanReadout:
         raise NotImplementedError
 
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
+    def forward(self, images: torch.Tensor | None = None, *, pixel_values: torch.Tensor | None = None, **kwargs):
+        """Adapted features of ``images``.
+
+        A positional call returns the feature tensor ``(n, D)`` (what the model's decomposed
+        output is, for every family). A keyword call ``(pixel_values=..., **kwargs)`` behaves
+        like the wrapped HF model: its own output class with the adapted features in the
+        decomposed field (``pooler_output``, ``image_embeds``, ``logits``; a ``CLIPModel`` needs
+        ``input_ids`` and scores the adapted image embeddings), see
+        :func:`residual_fast.models.hf.adapted_output`.
+        """
+        if pixel_values is None:
+            if images is None:
+                raise TypeError("no images: call with the image tensor (positionally) or pixel_values=")
+            if kwargs:
+                raise TypeError(f"unexpected arguments {sorted(kwargs)}: HF-style calls pass pixel_values=")
+            return self._features(images)
+        if images is not None:
+            raise TypeError("give the images positionally or as pixel_values=, not both")
+        if not self._walker.family.startswith("hf_"):
+            if kwargs:
+                raise TypeError(f"unexpected arguments {sorted(kwargs)} for a {self._walker.family} model")
+            return self._features(pixel_values)
+        return adapted_output(self.wrapped_visual, self._features, pixel_values, kwargs)
+
+    def get_image_features(self, pixel_values: torch.Tensor | None = None, interpolate_pos_encoding: bool = False,
+                           return_dict: bool | None = None, **kwargs):
+        """The adapted ``get_image_features`` of a wrapped HF ``CLIPModel`` (same return type as the model's)."""
+        if not hasattr(self.wrapped_visual, "get_image_features"):
+            raise TypeError(f"the wrapped {type(self.wrapped_visual).__name__} has no get_image_features; call the "
+                            "adapted module itself")
+        if pixel_values is None:
+            raise TypeError("get_image_features needs pixel_values")
+        kwargs["interpolate_pos_encoding"] = interpolate_pos_encoding
+        refuse_unadapted_options(kwargs)
+        if kwargs:
+            raise TypeError(f"get_image_features of the adapted model does not take {sorted(kwargs)}")
+        return features_output(self._features(pixel_values), return_dict)
+
+    # -- the PEFT-style surface ----------------------------------------------------------------------
+    def unload(self) -> nn.Module:
+        """The base model, untouched (wrapping never changes it): like PEFT's ``unload``."""
+        return self.wrapped_visual
+
+    @contextmanager
+    def disable_adapter(self) -> Iterator[None]:
+        """Within this context, calls return the base model's own output (like PEFT's ``disable_adapter``)."""
+        was = self._adapter_disabled
+        self._adapter_disabled = True
+        try:
+            yield
+        finally:
+            self._adapter_disabled = was
+
+    def _base_output(self, images: torch.Tensor) -> torch.Tensor:
+        """The base model's own forward for the output the adapter replaces."""
+        if self._walker.family.startswith("hf_"):
+            return own_output(self.wrapped_visual, images)
+        return self.wrapped_visual(images)
+
+    def _features(self, images: torch.Tensor) -> torch.Tensor:
+        if self._adapter_disabled:
+            return self._base_output(images)
         self._check_model()
         self._walker.check_images(images)
         dtype = next(self.wrapped_visual.parameters()).dtype
@@ -167,6 +262,32 @@ class ResiDualVisual(_AdaptedEncoder):
         self._cache = None
         return super()._apply(fn, *args, **kwargs)
 
+    def save_pretrained(self, directory: str | os.PathLike, *, include_bases: bool = False,
+                        base_model_name_or_path: str | None = None) -> Path:
+        """Write the adapter (float32 safetensors + JSON) to ``directory``: :func:`residual_fast.save_pretrained`."""
+        from .pretrained import save_pretrained
+
+        return save_pretrained(self, directory, include_bases=include_bases,
+                               base_model_name_or_path=base_model_name_or_path)
+
+    @classmethod
+    def from_pretrained(cls, model: nn.Module, directory: str | os.PathLike, *, backend: str = "auto"
+                        ) -> ResiDualVisual:
+        """``model`` with the adapter saved in ``directory``; see :func:`residual_fast.from_pretrained`."""
+        from .pretrained import from_pretrained
+
+        return from_pretrained(model, directory, backend=backend)
+
+    def adapter_state_dict(self, include_bases: bool = False) -> dict[str, torch.Tensor]:
+        """What :meth:`save_pretrained` writes, under the file's keys (PEFT's ``get_peft_model_state_dict``).
+
+        ``state_dict()`` stays the ``nn.Module`` one (the wrapped model's weights and the adapter's
+        buffers, for ``load_state_dict`` and checkpoints of the whole module).
+        """
+        from .pretrained import adapter_tensors
+
+        return adapter_tensors(self, include_bases)
+
     @torch.no_grad()
     def merge(self) -> MergedResiDualVisual:
         """A frozen inference module with the same forward, holding only the lean readout.
@@ -215,6 +336,18 @@ class MergedResiDualVisual(_AdaptedEncoder):
         b = self._buffers
         return LeanReadout(b.get("head_A"), b.get("head_scale"), b.get("mlp_M"), b.get("emb_M"), b["v1"], b["v2"],
                            b["c"], self._add_output, self._head_weight)
+
+    @classmethod
+    def from_pretrained(cls, model: nn.Module, directory: str | os.PathLike, *, backend: str = "auto"
+                        ) -> MergedResiDualVisual:
+        """``model`` with the adapter saved in ``directory``, merged (inference only)."""
+        from .pretrained import from_pretrained
+
+        return from_pretrained(model, directory, merged=True, backend=backend)
+
+    def save_pretrained(self, *args, **kwargs):
+        raise TypeError("a merged module keeps no lambdas or bases: call save_pretrained on the ResiDualVisual it "
+                        "was merged from")
 
     def extra_repr(self) -> str:
         shapes = {n: tuple(t.shape) for n, t in self._buffers.items() if n in LeanReadout.TENSORS}

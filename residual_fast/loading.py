@@ -51,7 +51,9 @@ class LoadedModel:
 
     ``visual`` is the module to pass to ``decompose`` / ``fit_bases`` /
     ``ResiDualVisual``; ``encode_text(list_of_str) -> (n, D)`` exists for models
-    with a text tower (open_clip CLIP, HF CLIP, BLIP ITM) and is None otherwise.
+    with a text tower (open_clip CLIP, HF CLIP - also with random weights, through
+    :class:`OfflineCLIPTokenizer` - and BLIP ITM with its tokenizer) and is None
+    otherwise, with the reason in ``no_text_reason``.
     """
 
     name: str
@@ -60,6 +62,68 @@ class LoadedModel:
     preprocess: Callable | None
     tokenizer: Callable | None
     encode_text: Callable[[list[str]], torch.Tensor] | None
+    no_text_reason: str | None = None  # why ``encode_text`` is None, for the error of whoever needs it
+
+
+class OfflineCLIPTokenizer:
+    """CLIP's BPE tokenizer for an HF CLIP text model, built offline (open_clip's bundled vocabulary is CLIP's).
+
+    ``tokenizer(texts) -> {"input_ids", "attention_mask"}`` (long tensors, one row per text):
+    ``<start> tokens <end>``, truncated to the model's ``max_position_embeddings`` with the end
+    token kept last, padded with the config's ``pad_token_id`` (masked out). HF CLIP pools at the
+    end token: at the first ``eos_token_id``, or (legacy configs with ``eos_token_id == 2``) at
+    the largest id, which CLIP's end token (49407) is; other conventions are refused.
+    """
+
+    def __init__(self, text_config):
+        from open_clip.tokenizer import SimpleTokenizer
+
+        self.context_length = int(text_config.max_position_embeddings)
+        self._bpe = SimpleTokenizer(context_length=self.context_length)
+        self.sot_id, self.eot_id = self._bpe.sot_token_id, self._bpe.eot_token_id
+        if text_config.vocab_size < self._bpe.vocab_size:
+            raise ValueError(f"the text model's vocabulary ({text_config.vocab_size} ids) is smaller than CLIP's BPE "
+                             f"({self._bpe.vocab_size}): not a CLIP tokenizer's model; pass its own tokenizer")
+        eos = text_config.eos_token_id
+        if eos not in (2, self.eot_id):
+            raise ValueError(f"the text model pools at eos_token_id={eos}, but CLIP's BPE ends texts with "
+                             f"{self.eot_id}; pass the model's own tokenizer")
+        pad = text_config.pad_token_id
+        self.pad_id = pad if isinstance(pad, int) and 0 <= pad < text_config.vocab_size else 0
+
+    def __call__(self, texts: str | list[str]) -> dict[str, torch.Tensor]:
+        ids = self._bpe([texts] if isinstance(texts, str) else list(texts))
+        # the first end token closes each text (a truncated one keeps it last); after it is padding
+        end = (ids == self.eot_id).int().argmax(dim=1, keepdim=True)
+        mask = torch.arange(ids.shape[1])[None, :] <= end
+        return {"input_ids": ids.masked_fill(~mask, self.pad_id), "attention_mask": mask.long()}
+
+
+def tokenize_for(tokenizer: Callable, texts: list[str]) -> dict[str, torch.Tensor]:
+    """``texts`` as the keyword inputs of an HF text model, from an HF tokenizer or a callable returning ids."""
+    try:
+        from transformers import PreTrainedTokenizerBase
+    except ImportError:
+        PreTrainedTokenizerBase = ()  # noqa: N806
+    if isinstance(tokenizer, PreTrainedTokenizerBase):
+        return dict(tokenizer(texts, padding=True, truncation=True, return_tensors="pt"))
+    out = tokenizer(texts)
+    return {"input_ids": out} if isinstance(out, torch.Tensor) else dict(out)
+
+
+def hf_clip_text_encoder(model: nn.Module, tokenizer: Callable | None = None) -> Callable[[list[str]], torch.Tensor]:
+    """``encode_text(list_of_str) -> (n, D)`` for an HF ``CLIPModel``: its ``get_text_features`` on tokenized texts.
+
+    Without ``tokenizer``, an :class:`OfflineCLIPTokenizer` for the model's text config.
+    """
+    tok = tokenizer if tokenizer is not None else OfflineCLIPTokenizer(model.config.text_config)
+
+    def encode_text(texts):
+        device = next(model.parameters()).device
+        out = model.get_text_features(**{k: v.to(device) for k, v in tokenize_for(tok, list(texts)).items()})
+        return out if isinstance(out, torch.Tensor) else out.pooler_output
+
+    return encode_text
 
 
 def load(name: str, *, pretrained: bool = True, config=None, device: str | torch.device = "cpu", seed: int = 0,
@@ -104,7 +168,8 @@ def load(name: str, *, pretrained: bool = True, config=None, device: str | torch
         size = getattr(getattr(model, "patch_embed", None), "img_size", None)
         if size is not None:  # an img_size= override: preprocess to the size the model takes
             cfg["input_size"] = (cfg["input_size"][0], *tuple(size))
-        loaded = LoadedModel(name, model, model, timm.data.create_transform(**cfg), None, None)
+        loaded = LoadedModel(name, model, model, timm.data.create_transform(**cfg), None, None,
+                             "timm image models have no text tower")
     else:
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
@@ -135,6 +200,7 @@ def _load_hf(name: str, repo: str, pretrained: bool, config, device) -> LoadedMo
         raise RuntimeError(f"could not load {repo!r} as {cls.__name__}: {e}") from e
     model = model.to(device).eval()
     preprocess = tokenizer = encode_text = None
+    no_text = None if config.model_type in ("clip", "blip") else f"{cls.__name__} has no text tower"
     if pretrained:
         try:
             processor = tf.AutoImageProcessor.from_pretrained(repo)
@@ -144,15 +210,24 @@ def _load_hf(name: str, repo: str, pretrained: bool, config, device) -> LoadedMo
         except Exception:  # noqa: BLE001 - preprocessing is optional
             preprocess = None
         if config.model_type in ("clip", "blip"):
-            tokenizer = tf.AutoTokenizer.from_pretrained(repo)
-    if tokenizer is not None and config.model_type == "clip":
-        def encode_text(texts, _m=model, _t=tokenizer):
-            batch = _t(texts, padding=True, return_tensors="pt").to(next(_m.parameters()).device)
-            out = _m.get_text_features(**batch)
-            return out if isinstance(out, torch.Tensor) else out.pooler_output
+            try:
+                tokenizer = tf.AutoTokenizer.from_pretrained(repo)
+            except Exception as e:  # noqa: BLE001 - CLIP's can be built offline below; BLIP's cannot
+                no_text = f"could not load the tokenizer of {repo!r}: {e}"
+    if config.model_type == "clip":
+        if tokenizer is None:  # random weights or no tokenizer files: CLIP's BPE ships with open_clip
+            try:
+                tokenizer = OfflineCLIPTokenizer(config.text_config)
+            except (ImportError, ValueError) as e:
+                no_text = f"no tokenizer for {repo!r}: {e}"
+        if tokenizer is not None:
+            encode_text, no_text = hf_clip_text_encoder(model, tokenizer), None
+    elif config.model_type == "blip" and tokenizer is None:
+        no_text = no_text or (f"BLIP's (BERT) tokenizer cannot be built offline; load {repo!r} with pretrained=True "
+                              "where its tokenizer files are reachable")
     elif tokenizer is not None and config.model_type == "blip":
         def encode_text(texts, _m=model, _t=tokenizer):
             batch = _t(texts, padding=True, return_tensors="pt").to(next(_m.parameters()).device)
             hidden = _m.text_encoder(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
             return _m.text_proj(hidden.last_hidden_state[:, 0])
-    return LoadedModel(name, model, model, preprocess, tokenizer, encode_text)
+    return LoadedModel(name, model, model, preprocess, tokenizer, encode_text, no_text)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 from torch import nn
@@ -23,6 +23,7 @@ from .serialization import (
     list_of,
     load_bundle,
     one_of,
+    optional,
     save_bundle,
 )
 from .spectral import SpectralBases, _check_kinds
@@ -188,8 +189,14 @@ class ResiDual(nn.Module):
         self._consts_cache = {}
 
     def _apply(self, fn, *args, **kwargs):
+        """Casts and moves; under ``.half()`` / ``.bfloat16()`` every floating tensor stays in float32.
+
+        The forward accumulates in float32 whatever the activations' dtype (half-precision
+        activations are upcast), so rounding the bases, maps and lambdas to 8-11 bits would only
+        add error - as much as the half-precision model's own (measured in tests/test_adoption.py).
+        """
         self._consts_cache = {}
-        return super()._apply(fn, *args, **kwargs)
+        return keep_fp32_under_half_casts(self, lambda: super(ResiDual, self)._apply(fn, *args, **kwargs))
 
     def _consts(self, dtype: torch.dtype) -> dict:
         """Everything the factorized forward needs that does not depend on the lambdas, in ``dtype``.
@@ -240,8 +247,11 @@ class ResiDual(nn.Module):
             ablation: what the non-adapted units contribute: ``"sum"`` (their contributions),
                 ``"mean"`` (their calibration means) or ``"zero"``.
             add_means: add the adapted units' calibration means back (the paper's code does not).
-            init: lambda initialization: ``"ones"``, ``"randn"`` (N(1, 1), seeded) or ``"eigen"``
-                (each component's standard deviation, ``sqrt(eigenvalue)``).
+            init: lambda initialization: ``"randn"`` (the default, the paper's: N(1, 1), seeded),
+                ``"ones"`` (every kept component at weight 1) or ``"eigen"`` (each component's standard
+                deviation, ``sqrt(eigenvalue)``). No init is an identity start in general: the
+                adapted model differs from the base model before training (``fine`` drops the
+                other units and the kept ones' means; ``randn`` perturbs every weight).
             seed: seed of the ``randn`` initialization.
         """
         if not isinstance(bases, SpectralBases):
@@ -365,8 +375,12 @@ class ResiDual(nn.Module):
         return self.means[rest.to(self.means.device)].sum(0)
 
     # -- persistence --------------------------------------------------------------
-    def save(self, path: str | os.PathLike) -> None:
-        """Write the adapter to the folder ``path`` (safetensors tensors + JSON metadata)."""
+    def save(self, path: str | os.PathLike, *, base_model_name_or_path: str | None = None) -> None:
+        """Write the adapter to the folder ``path`` (safetensors tensors + JSON metadata), exactly (float64 bases).
+
+        ``base_model_name_or_path`` is recorded for people; the model check on load is by
+        fingerprint. For small float32 files see :meth:`residual_fast.ResiDualVisual.save_pretrained`.
+        """
         tensors = {"means": self.means}
         for kind, g in self.groups.items():
             for name in ("components", "offsets", "zmean", "eigenvalues"):
@@ -386,6 +400,7 @@ class ResiDual(nn.Module):
             "seed": self.seed,
             "num_parameters": self.num_parameters(),
             "fingerprint": self.fingerprint,
+            "base_model_name_or_path": base_model_name_or_path,
         }
         save_bundle(path, tensors, meta)
 
@@ -406,6 +421,8 @@ class ResiDual(nn.Module):
             "add_means": is_bool, "init": one_of(*INITS), "seed": is_int(), "num_parameters": is_int(0),
             "fingerprint": is_dict,
         }, where)
+        if "base_model_name_or_path" in meta:  # absent from files of earlier versions
+            check_meta(meta, {"base_model_name_or_path": optional(is_str)}, where)
         spec = get_adapter(visual).spec()
         why = fingerprint_mismatch(meta["fingerprint"], spec.fingerprint())
         if why:
@@ -440,6 +457,38 @@ class ResiDual(nn.Module):
         out = cls(spec, groups, means, variant=meta["variant"], padding=meta["padding"],
                   ablation=meta["ablation"], add_means=meta["add_means"], init=meta["init"], seed=meta["seed"])
         return out.to(spec.ln_weight.device)
+
+
+HALF = (torch.float16, torch.bfloat16)
+
+
+def keep_fp32_under_half_casts(module: nn.Module, apply: Callable[[], nn.Module]) -> nn.Module:
+    """Run ``apply`` (a ``Module._apply``) and put back in float32 what it cast from fp32/fp64 to a half dtype.
+
+    Parameters keep their identity (their ``.data`` is replaced, as ``Module._apply`` does), so an
+    optimizer built before the cast still holds them.
+    """
+    before = {}
+    for mod in module.modules():
+        for store in (mod._parameters, mod._buffers):
+            for name, t in store.items():
+                if t is not None and t.dtype in (torch.float32, torch.float64):
+                    before[(id(mod), name)] = t.detach()
+    out = apply()
+    for mod in module.modules():
+        for store in (mod._parameters, mod._buffers):
+            for name, t in list(store.items()):
+                old = before.get((id(mod), name))
+                if t is None or old is None or t.dtype not in HALF:
+                    continue
+                fixed = old.to(device=t.device, dtype=torch.float32)
+                if isinstance(t, nn.Parameter):
+                    t.data = fixed
+                    if t.grad is not None:
+                        t.grad = t.grad.to(torch.float32)
+                else:
+                    store[name] = fixed
+    return out
 
 
 def _flat_mm(Z: torch.Tensor, F: torch.Tensor) -> torch.Tensor:

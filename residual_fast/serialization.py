@@ -65,9 +65,17 @@ def save_bundle(path: str | os.PathLike, tensors: dict[str, torch.Tensor], meta:
     tmp_t = folder / (TENSORS + ".tmp")
     save_file(flat, str(tmp_t))
     meta = dict(meta, tensors_sha256=sha256_file(tmp_t))
+    _normal_mode(tmp_t)
     os.replace(tmp_t, folder / TENSORS)
     write_json_atomic(folder / META, meta)  # last: the commit marker
     return folder
+
+
+def _normal_mode(path: Path) -> None:
+    """Give ``path`` the mode a new file gets (0666 less the umask): safetensors writes 0600."""
+    mask = os.umask(0o022)  # reading the umask means setting it; restored at once
+    os.umask(mask)
+    os.chmod(path, 0o666 & ~mask)
 
 
 def load_bundle(path: str | os.PathLike, kind: str) -> tuple[dict[str, torch.Tensor], dict]:

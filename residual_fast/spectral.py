@@ -19,7 +19,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ._version import __version__
-from .decompose import capture, eval_mode
+from .decompose import _plain, capture, eval_mode
 from .models import UNIT_KINDS, ReadoutSpec, fingerprint_mismatch, get_adapter
 from .serialization import (
     CorruptFileError,
@@ -304,6 +304,18 @@ class SpectralBases:
         k = (cum <= threshold - 1e-12).sum(dim=-1) + 1
         return torch.minimum(k, self.rank(kind)).clamp_min(1)
 
+    def __repr__(self) -> str:
+        """Shapes and ranks at a glance (never the tensors)."""
+        s = self.spec
+        parts = []
+        for kind in self.units:
+            r = self.rank(kind)
+            k90 = self.k_for_evr(kind, 0.9).double().mean().item()
+            parts.append(f"{kind}: {r.numel()} units, rank {int(r.min())}-{int(r.max())}, "
+                         f"k at 90% EVR {k90:.1f} on average")
+        return (f"SpectralBases(family={s.family!r}, layers={s.num_layers}, heads={s.num_heads}, width={s.width}, "
+                f"out_dim={s.out_dim}, samples={self.num_samples}, " + "; ".join(parts) + ")")
+
     def summary(self) -> dict[str, Any]:
         out = {"num_samples": self.num_samples, "units": list(self.units)}
         for kind in self.units:
@@ -385,8 +397,10 @@ def accumulate_moments(visual: nn.Module, batches: Iterable, units: Sequence[str
     several processes with :meth:`UnitMoments.merge`, or pass ``process_group``
     (a ``torch.distributed`` group; each rank streams its own disjoint shard of
     the data) to get the all-reduced moments of the union on every rank.
+    ``visual`` is the plain model: an adapted encoder (:class:`residual_fast.ResiDualVisual`)
+    is refused, since bases describe the base model.
     """
-    adapter = get_adapter(visual)
+    adapter = get_adapter(_plain(visual, "accumulate_moments / fit_bases"))
     spec = adapter.spec()
     device = next(adapter.visual.parameters()).device
     if moments is None:
@@ -413,7 +427,8 @@ def fit_bases(visual: nn.Module, batches: Iterable, units: Sequence[str] = ("hea
     """Fit exact per-unit PCA bases by streaming ``batches`` of images through ``visual``.
 
     Args:
-        visual: the image tower (``model.visual`` for open_clip).
+        visual: the image tower (``model.visual`` for open_clip); not an adapted encoder
+            (refused: the bases describe the base model, pass ``.unload()`` of it).
         batches: any iterable of image tensors ``(n, C, H, W)`` (or of ``(images,
             labels)`` tuples, as a DataLoader yields); moved to the model's device.
         units: unit kinds to fit PCA bases for, a subset of ``("emb", "head", "mlp")``.

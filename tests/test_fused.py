@@ -72,8 +72,10 @@ def test_drop_in_for_open_clip_encode_image():
     assert rel_err(feats, ref) < 1e-5
     assert torch.allclose(normed, torch.nn.functional.normalize(ref, dim=-1), atol=1e-5)
     assert model.visual.image_size == plain_visual.image_size  # attributes pass through
-    # decomposing the wrapped encoder decomposes the plain model it holds
-    assert rel_err(rf.decompose(model.visual, x).total(), dec.output) < 1e-6
+    # an adapted encoder's output is not the model's: decomposing it is refused, not done on the inner model
+    with pytest.raises(TypeError, match="adapted encoder"):
+        rf.decompose(model.visual, x)
+    assert rel_err(rf.decompose(model.visual.wrapped_visual, x).total(), dec.output) < 1e-6
 
 
 def test_cache_follows_lambda_updates(setup):

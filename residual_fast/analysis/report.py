@@ -53,6 +53,17 @@ def plot_grid(values: torch.Tensor, layers: int, title: str, path: Path, label: 
     plt.close(fig)
 
 
+def describe_md(method: str, picks: list[tuple[str, float]]) -> str:
+    """One markdown line of a head's text descriptions, each with what its number is.
+
+    Both methods report, after each chosen description, the cumulative fraction of the head's
+    (centered) output variance that the descriptions chosen so far explain.
+    """
+    steps = "; ".join(f"{i}. {text} (cumulative explained variance {e:.1%})" for i, (text, e) in
+                      enumerate(picks, start=1))
+    return f"- {method} (greedy order): {steps}"
+
+
 def analyze(model: str, datasets: list[str], out: str | Path, *, root: str | None = None, max_images: int = 512,
             twonn_samples: int = 300, id_threshold: float = 0.99, ks=(1, 0.1, 0.25, 0.5), text_steps: int = 5,
             top_heads: int = 3, seed: int = 0, batch_size: int = 128, progress: bool = True,
@@ -159,10 +170,9 @@ def analyze(model: str, datasets: list[str], out: str | Path, *, root: str | Non
                 ts, sp = textspan(C, dict_emb, text_steps), somp(C - C.mean(0), dict_emb, text_steps)
                 texts[f"L{u // spec.num_heads}H{u % spec.num_heads}"] = {
                     "textspan": ts.describe(dictionary), "somp": sp.describe(dictionary)}
-                md.append(f"**L{u // spec.num_heads}H{u % spec.num_heads}** TextSpan: " + "; ".join(
-                    f"{t} ({e:.2f})" for t, e in ts.describe(dictionary)))
-                md.append("SOMP: " + "; ".join(f"{t} ({e:.2f})" for t, e in sp.describe(dictionary)) + "")
-                md.append("")
+                md += [f"**L{u // spec.num_heads}H{u % spec.num_heads}**", "",
+                       describe_md("TextSpan", ts.describe(dictionary)),
+                       describe_md("SOMP", sp.describe(dictionary)), ""]
         md += [f"![{k}]({slug}/{k}.png)" for k in ("linear_id", "twonn", "head_accuracy", "task_correlation")]
         md.append("")
         metrics["datasets"][dname] = {"full_accuracy": full_acc, "selection": sel, "top_heads_text": texts,

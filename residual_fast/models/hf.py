@@ -12,11 +12,18 @@ Which module to pass, and what its output is:
 | ``Dinov2Model`` / ``Dinov2WithRegistersModel`` | ``pooler_output`` (layernorm of CLS; layer scale on both branches) |
 | ``ViTModel`` | ``last_hidden_state[:, 0]`` (layernorm of CLS; the tanh pooler is not linear) |
 | ``ViTForImageClassification`` | ``logits`` (classifier on the normalized CLS) |
+
+:func:`adapted_output` gives an adapted encoder's keyword call (``pixel_values=...``) the wrapped
+model's own output class, with the decomposed field holding the adapted features.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import Any
+
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from .base import UnsupportedModelError
@@ -180,6 +187,81 @@ def own_output(visual: nn.Module, images: torch.Tensor) -> torch.Tensor:
     if _isinstance(visual, "ViTForImageClassification"):
         return visual(pixel_values=images).logits
     raise TypeError(f"not an HF model residual_fast knows: {type(visual).__name__}")
+
+
+def _pooled(out) -> torch.Tensor:
+    """A ``get_*_features`` result as a tensor (transformers >= 5 returns a ``BaseModelOutputWithPooling``)."""
+    return out if isinstance(out, torch.Tensor) else out.pooler_output
+
+
+def features_output(y: torch.Tensor, return_dict: bool | None = None) -> Any:
+    """What ``get_image_features`` returns in the installed transformers, holding ``y``."""
+    import transformers as tf
+
+    if int(tf.__version__.split(".")[0]) < 5:  # 4.x returns the projected features as a bare tensor
+        return y
+    out = tf.modeling_outputs.BaseModelOutputWithPooling(pooler_output=y)
+    return out.to_tuple() if return_dict is False else out
+
+
+def refuse_unadapted_options(kwargs: dict) -> None:
+    """Options that would return (or need) the base model's own image computations."""
+    if kwargs.pop("interpolate_pos_encoding", False):
+        raise ValueError("interpolate_pos_encoding=True is not supported by the adapted encoder (the adapter's maps "
+                         "assume the model's own image size); resize the images instead")
+    for k in ("output_attentions", "output_hidden_states"):
+        if kwargs.pop(k, None):
+            raise ValueError(f"{k}=True: the adapted encoder returns only the adapted pooled features (hidden states "
+                             "and attentions would be the base model's); call .wrapped_visual for those")
+
+
+def adapted_output(visual: nn.Module, features: Callable[[torch.Tensor], torch.Tensor], pixel_values: torch.Tensor,
+                   kwargs: dict) -> Any:
+    """``visual(pixel_values=..., **kwargs)`` with the adapted ``features(pixel_values)`` in place of its own.
+
+    The model's own output class where one holds the decomposed output (``pooler_output``,
+    ``image_embeds``, ``logits``); fields that would hold the base model's (unadapted) hidden
+    states are left unset. A ``CLIPModel`` scores the adapted image embeddings against the texts
+    (``input_ids`` needed, as for the model itself). Models whose decomposed output is no field of
+    their output class (``ViTModel``, BLIP) return the feature tensor.
+    """
+    import transformers as tf
+
+    kwargs = dict(kwargs)
+    return_dict = kwargs.pop("return_dict", None)
+    refuse_unadapted_options(kwargs)
+    text = {k: kwargs.pop(k) for k in ("input_ids", "attention_mask", "position_ids") if k in kwargs}
+    return_loss = kwargs.pop("return_loss", None) if _isinstance(visual, "CLIPModel") else None
+    if kwargs:
+        raise TypeError(f"the adapted {type(visual).__name__} does not take {sorted(kwargs)}")
+    if text and not _isinstance(visual, "CLIPModel"):
+        raise TypeError(f"{type(visual).__name__} takes no text inputs ({sorted(text)})")
+    if _isinstance(visual, "CLIPModel"):
+        if "input_ids" not in text:
+            raise TypeError("CLIPModel's forward scores images against texts and needs input_ids; for the adapted "
+                            "image features call get_image_features(pixel_values=...)")
+        image = features(pixel_values)
+        text_out = visual.get_text_features(**text)
+        text_embeds = _pooled(text_out)
+        image_embeds = image / image.norm(dim=-1, keepdim=True)
+        text_embeds = text_embeds / text_embeds.norm(dim=-1, keepdim=True)
+        logits_per_text = text_embeds @ image_embeds.t().to(text_embeds.dtype) * visual.logit_scale.exp()
+        loss = None
+        if return_loss:  # CLIP's symmetric contrastive loss, on the adapted logits
+            target = torch.arange(len(logits_per_text), device=logits_per_text.device)
+            loss = (F.cross_entropy(logits_per_text, target) + F.cross_entropy(logits_per_text.t(), target)) / 2
+        out = tf.models.clip.modeling_clip.CLIPOutput(
+            loss=loss, logits_per_image=logits_per_text.t(), logits_per_text=logits_per_text, text_embeds=text_embeds,
+            image_embeds=image_embeds, text_model_output=None if isinstance(text_out, torch.Tensor) else text_out)
+    elif _isinstance(visual, "CLIPVisionModelWithProjection"):
+        out = tf.models.clip.modeling_clip.CLIPVisionModelOutput(image_embeds=features(pixel_values))
+    elif _isinstance(visual, "CLIPVisionModel", "Dinov2Model", "Dinov2WithRegistersModel"):
+        out = tf.modeling_outputs.BaseModelOutputWithPooling(pooler_output=features(pixel_values))
+    elif _isinstance(visual, "ViTForImageClassification"):
+        out = tf.modeling_outputs.ImageClassifierOutput(logits=features(pixel_values))
+    else:
+        return features(pixel_values)
+    return out.to_tuple() if return_dict is False else out
 
 
 ADAPTERS = [HFCLIPAdapter, HFBlipAdapter, HFDinov2Adapter, HFViTAdapter]
