@@ -305,7 +305,7 @@ def cmd_fit(args) -> None:
     out.mkdir(parents=True, exist_ok=True)
     _save_head(head, out, classes)
     if module is not None and args.method in RESIDUAL_METHODS:
-        module.save(out / "adapter")
+        module.save(out / "adapter", base_model_name_or_path=args.model)
         plot_lambdas(module, out / "lambdas.png")
         plot_spectra(bases, out / "spectra.png")
     elif module is not None:
