@@ -38,6 +38,7 @@ class KernelReport:
     registers: int
     spill_bytes: int
     smem_bytes: int
+    offsets: str = "-"  # integer type(s) of the pointer offsets in the Triton IR ("i64" wanted)
 
     @property
     def problems(self) -> list[str]:
@@ -46,6 +47,8 @@ class KernelReport:
             out.append("no tensor-core instruction")
         if self.spill_bytes:
             out.append(f"{self.spill_bytes} B spilled")
+        if self.offsets not in ("-", "i64"):
+            out.append(f"{self.offsets} pointer offsets")
         if self.smem_bytes > SMEM_LIMIT:
             out.append(f"shared memory {self.smem_bytes} B > {SMEM_LIMIT} B")
         return out
@@ -53,7 +56,7 @@ class KernelReport:
     def line(self) -> str:
         status = "ok" if not self.problems else "FAIL: " + ", ".join(self.problems)
         return (f"{self.name:<30} {self.config:<48} tc={self.tensor_core:<12} regs={self.registers:<4} "
-                f"spill={self.spill_bytes:<5} smem={self.smem_bytes:<7} {status}")
+                f"spill={self.spill_bytes:<5} smem={self.smem_bytes:<7} offsets={self.offsets:<4} {status}")
 
 
 def _triton_tools() -> Path:
@@ -131,7 +134,7 @@ def triton_cases() -> list[tuple[str, str, object, dict, dict, dict]]:
                    "s_cn": "i32", "s_ck": "constexpr", "s_bk": "i32", "s_bd": "constexpr", "s_yn": "i32",
                    "s_yd": "constexpr"}
             const = {"s_ck": 1, "s_bd": 1, "s_yd": 1, "BLOCK_N": bn, "BLOCK_K": bk, "BLOCK_D": bd, "GROUP": 8,
-                     "PREC": prec}
+                     "PREC": prec, "UPCAST": False}
             cases.append(("reweight_fwd", f"{dt} N{bn} K{bk} D{bd} w{w} s{s}", sr._fwd_kernel, sig, const,
                           {"num_warps": w, "num_stages": s}))
         for need_dc in (False, True):
@@ -141,7 +144,7 @@ def triton_cases() -> list[tuple[str, str, object, dict, dict, dict]]:
                        "s_bd": "constexpr", "s_cn": "i32", "s_ck": "constexpr", "s_dcn": "i32",
                        "s_dck": "constexpr"}
                 const = {"s_gd": 1, "s_bd": 1, "s_ck": 1, "s_dck": 1, "NEED_DC": need_dc, "BLOCK_N": bn,
-                         "BLOCK_K": bk, "BLOCK_D": bd, "PREC": prec}
+                         "BLOCK_K": bk, "BLOCK_D": bd, "PREC": prec, "UPCAST": False}
                 cases.append(("reweight_bwd" + ("+dc" if need_dc else ""), f"{dt} N{bn} K{bk} D{bd} w{w} s{s}",
                               sr._bwd_kernel, sig, const, {"num_warps": w, "num_stages": s}))
         bn, bw, bd, w, s = ro.CONFIG
@@ -172,6 +175,12 @@ def compile_triton(kernel, signature: dict, constexprs: dict, options: dict):
     return triton.compile(src, target=GPUTarget(*TARGET), options=options)
 
 
+def offset_types(ttir: str) -> str:
+    """The integer types of every ``tt.addptr`` offset in Triton IR, e.g. ``"i64"`` or ``"i32+i64"``."""
+    found = {m.group(1) for m in re.finditer(r"tt\.addptr [^:]*: [^,]*, (?:tensor<[\dx]*)?(i\d+)", ttir)}
+    return "+".join(sorted(found)) or "none"
+
+
 def triton_reports() -> list[KernelReport]:
     ptxas = _tool("ptxas")
     reports = []
@@ -198,7 +207,7 @@ def triton_reports() -> list[KernelReport]:
                     regs, spill, _ = next(iter(usage.values()))
             sass_ops = set().union(*sass.values()) if sass else None
             reports.append(KernelReport(f"triton:{name}", cfg, _tc_label(ptx_ops, sass_ops), regs, spill,
-                                        int(ck.metadata.shared)))
+                                        int(ck.metadata.shared), offset_types(ck.asm["ttir"])))
     return reports
 
 
@@ -253,3 +262,13 @@ def run() -> int:
         print(r.line())
         failed |= bool(r.problems)
     return 1 if failed or not reports else 0
+
+
+if __name__ == "__main__":  # python -m residual_fast.codegen --offsets: the offset types of each Triton kernel
+    import sys
+
+    if sys.argv[1:] != ["--offsets"]:
+        raise SystemExit("usage: python -m residual_fast.codegen --offsets   (the table: python -m residual_fast.info "
+                         "--codegen)")
+    for name, cfg, kernel, sig, const, opts in triton_cases():
+        print(name, cfg, offset_types(compile_triton(kernel, sig, const, opts).asm["ttir"]), sep="\t")

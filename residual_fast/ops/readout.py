@@ -28,7 +28,7 @@ def readout_torch(acc, r, M, epilogue=None):
 def readout(acc: torch.Tensor, r: torch.Tensor, M: torch.Tensor, epilogue: dict | None = None,
             backend: str = "auto") -> torch.Tensor | None:
     """``acc += r @ M``; with ``epilogue`` (keys s, mu, v1, v2, c, out, dtype) return the final ``y``."""
-    kind = choose(backend, acc.device)
+    kind = choose(backend, acc.device, op="readout")
     if acc.dtype != torch.float32 or torch.is_grad_enabled() and (M.requires_grad or acc.requires_grad):
         kind = "torch"  # kernels are fp32, forward-only
     if kind == "triton":

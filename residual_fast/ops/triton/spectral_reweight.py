@@ -34,7 +34,7 @@ def precision(dtype: torch.dtype) -> str:
 def _fwd_kernel(C, LAM, B, Y, n, K, D,
                 s_cn, s_ck, s_bk, s_bd, s_yn, s_yd,
                 BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr, GROUP: tl.constexpr,
-                PREC: tl.constexpr):
+                PREC: tl.constexpr, UPCAST: tl.constexpr):
     # grouped tile order: GROUP row-tiles share the same B columns while they are in L2
     pid = tl.program_id(0)
     tiles_n = tl.cdiv(n, BLOCK_N)
@@ -57,6 +57,8 @@ def _fwd_kernel(C, LAM, B, Y, n, K, D,
         lam = tl.load(LAM + rk, mask=mk, other=0.0)
         a = (c.to(tl.float32) * lam.to(tl.float32)[None, :]).to(B.dtype.element_ty)  # the diagonal prologue
         b = tl.load(B + rk[:, None] * s_bk + rd[None, :] * s_bd, mask=mk[:, None] & md[None, :], other=0.0)
+        if UPCAST:  # exact: a and b are already rounded to bf16
+            a, b = a.to(tl.float32), b.to(tl.float32)
         acc = tl.dot(a, b, acc, input_precision=PREC)
     tl.store(Y + rn[:, None] * s_yn + rd[None, :] * s_yd, acc.to(Y.dtype.element_ty),
              mask=mn[:, None] & md[None, :])
@@ -66,7 +68,7 @@ def _fwd_kernel(C, LAM, B, Y, n, K, D,
 def _bwd_kernel(G, B, C, LAM, DLAM, DC, n, K, D,
                 s_gn, s_gd, s_bk, s_bd, s_cn, s_ck, s_dcn, s_dck,
                 NEED_DC: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr,
-                PREC: tl.constexpr):
+                PREC: tl.constexpr, UPCAST: tl.constexpr):
     pid_k = tl.program_id(0)  # K-tiles fastest: programs in flight share the dY rows
     pid_n = tl.program_id(1)
     rn = pid_n.to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -80,6 +82,8 @@ def _bwd_kernel(G, B, C, LAM, DLAM, DC, n, K, D,
         md = rd < D
         g = tl.load(G + rn[:, None] * s_gn + rd[None, :] * s_gd, mask=mn[:, None] & md[None, :], other=0.0)
         bt = tl.load(B + rk[None, :] * s_bk + rd[:, None] * s_bd, mask=md[:, None] & mk[None, :], other=0.0)
+        if UPCAST:
+            g, bt = g.to(tl.float32), bt.to(tl.float32)
         acc = tl.dot(g, bt, acc, input_precision=PREC)
     c = tl.load(C + rn[:, None] * s_cn + rk[None, :] * s_ck, mask=mn[:, None] & mk[None, :], other=0.0)
     tl.atomic_add(DLAM + rk, tl.sum(acc * c.to(tl.float32), axis=0), mask=mk)
@@ -99,6 +103,12 @@ BWD_CONFIGS = {"fp32": [(128, 32, 64, 8, 3)],
                "half": [(128, 64, 64, 8, 3), (64, 64, 64, 8, 3)]}
 INTERPRET_FWD = (64, 64, 128)
 INTERPRET_BWD = (64, 64, 128)
+
+
+def _upcast(dtype: torch.dtype) -> bool:
+    """The Triton 3.8 interpreter's ``tl.dot`` returns garbage for bf16 operands (1e10 errors; fp16 is fine):
+    there the rounded bf16 operands are widened to fp32 first, which is exact."""
+    return interpreting() and dtype == torch.bfloat16
 
 
 def family(dtype: torch.dtype) -> str:
@@ -138,11 +148,12 @@ def forward(c: torch.Tensor, lam: torch.Tensor, B: torch.Tensor, out_dtype: torc
     if interpreting():
         bn, bk, bd = INTERPRET_FWD
         grid = (triton.cdiv(n, bn) * triton.cdiv(D, bd),)
-        launch[grid](*args, BLOCK_N=bn, BLOCK_K=bk, BLOCK_D=bd, GROUP=8, PREC=precision(B.dtype))
+        launch[grid](*args, BLOCK_N=bn, BLOCK_K=bk, BLOCK_D=bd, GROUP=8, PREC=precision(B.dtype),
+                     UPCAST=_upcast(B.dtype))
     else:
         def grid(meta):
             return (triton.cdiv(n, meta["BLOCK_N"]) * triton.cdiv(D, meta["BLOCK_D"]),)
-        launch[grid](*args, GROUP=8, PREC=precision(B.dtype))
+        launch[grid](*args, GROUP=8, PREC=precision(B.dtype), UPCAST=_upcast(B.dtype))
     return y
 
 
@@ -162,9 +173,9 @@ def backward(grad: torch.Tensor, c: torch.Tensor, lam: torch.Tensor, B: torch.Te
     if interpreting():
         bn, bk, bd = INTERPRET_BWD
         launch[(triton.cdiv(K, bk), triton.cdiv(n, bn))](*args, NEED_DC=need_dc, BLOCK_N=bn, BLOCK_K=bk, BLOCK_D=bd,
-                                                      PREC=precision(B.dtype))
+                                                      PREC=precision(B.dtype), UPCAST=_upcast(B.dtype))
     else:
         def grid(meta):
             return (triton.cdiv(K, meta["BLOCK_K"]), triton.cdiv(n, meta["BLOCK_N"]))
-        launch[grid](*args, NEED_DC=need_dc, PREC=precision(B.dtype))
+        launch[grid](*args, NEED_DC=need_dc, PREC=precision(B.dtype), UPCAST=_upcast(B.dtype))
     return dc, dlam
