@@ -96,7 +96,9 @@ template <> struct Mma<float, 8> {  // 3xTF32
 
 // C tile (fp32, BM x (BN + 4), in `out`) = sum_k loadA(row, k) * loadB(k, col) over k < K.
 // loadA(r, k) / loadB(k, c) return floats (0 outside the matrix); they see global row/column indices.
-template <typename T, typename LoadA, typename LoadB>
+// B_K_CONTIGUOUS: B is stored with k contiguous (a transposed operand): stage it k-fastest so that
+// neighbouring threads read neighbouring addresses.
+template <typename T, bool B_K_CONTIGUOUS = false, typename LoadA, typename LoadB>
 __device__ void gemm_tile(int64_t row0, int64_t col0, int64_t K, const LoadA& loadA, const LoadB& loadB,
                           Stage<T>& st, float (*out)[BN + 4]) {
   constexpr int LDA = BK + Stage<T>::PAD, LDB = BN + Stage<T>::PAD, KS = Frag<T>::KS;
@@ -114,7 +116,7 @@ __device__ void gemm_tile(int64_t row0, int64_t col0, int64_t K, const LoadA& lo
     }
 #pragma unroll 2
     for (int i = threadIdx.x; i < BK * BN; i += THREADS) {
-      const int k = i / BN, c = i % BN;
+      const int k = B_K_CONTIGUOUS ? i % BK : i / BN, c = B_K_CONTIGUOUS ? i / BK : i % BN;
       st.b[k][c] = cvt<T>(loadB(k0 + k, col0 + c));
     }
     __syncthreads();

@@ -54,7 +54,7 @@ __global__ void __launch_bounds__(THREADS) reweight_backward_kernel(Mat g, Mat b
   __shared__ Stage<T> st;
   __shared__ __align__(32) float out[BM][BN + 4];
   const int64_t row0 = (int64_t)blockIdx.y * BM, k0 = (int64_t)blockIdx.x * BN;
-  gemm_tile<T>(row0, k0, g.cols, Load<T>{g}, LoadT<T>{b}, st, out);
+  gemm_tile<T, true>(row0, k0, g.cols, Load<T>{g}, LoadT<T>{b}, st, out);  // B^T: d is contiguous
   const float* cp = (const float*)c.p;
   // dlam: two threads per column, each summing half of the tile's rows, one atomic per thread
   const int col = threadIdx.x % BN, half = threadIdx.x / BN;

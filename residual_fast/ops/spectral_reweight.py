@@ -28,7 +28,7 @@ adapter. Half-precision inputs accumulate in fp32.
 
 from __future__ import annotations
 
-import functools
+from typing import NamedTuple
 
 import torch
 
@@ -91,27 +91,31 @@ def acc_dtype(dtype: torch.dtype) -> torch.dtype:
 
 
 # -- coefficients (torch) -----------------------------------------------------------
-@functools.lru_cache(maxsize=64)
-def _host_layout(offsets: tuple[int, ...]) -> tuple[int | None, torch.Tensor, torch.Tensor, int]:
-    off = torch.tensor(offsets, dtype=torch.long)
-    units, pos, kmax = packed_index(off)
-    return uniform_k(off), units, pos, kmax
+class PackedLayout(NamedTuple):
+    """The packing of ``offsets`` as the coefficient GEMM needs it: ``k`` when all units have the same
+    number of components (else None), each packed row's unit and position (on the compute device), max ``k``."""
+
+    uniform_k: int | None
+    units: torch.Tensor
+    pos: torch.Tensor
+    kmax: int
 
 
-def _coefficients(Z, R, t, offsets):
-    """(n, K) coefficients ``Z_u @ R_k + t_k``, by one batched GEMM over units.
+def packed_layout(offsets: torch.Tensor) -> PackedLayout:
+    """From ``offsets``: reads them on the host (a device-to-host sync when they live on a GPU, so callers
+    that step many times compute it once, as :class:`residual_fast.ResiDual` does)."""
+    units, pos, kmax = packed_index(offsets)
+    return PackedLayout(uniform_k(offsets), units, pos, kmax)
 
-    Offsets on the CPU give the packing layout without a device-to-host sync."""
-    if offsets.device.type == "cpu":
-        k, units, pos, kmax = _host_layout(tuple(offsets.tolist()))
-        units, pos = units.to(Z.device), pos.to(Z.device)
-    else:
-        k = uniform_k(offsets)
-        units, pos, kmax = packed_index(offsets)
+
+def _coefficients(Z, R, t, offsets, layout: PackedLayout | None = None):
+    """(n, K) coefficients ``Z_u @ R_k + t_k``, by one batched GEMM over units."""
+    k, units, pos, kmax = layout if layout is not None else packed_layout(offsets)
     U = offsets.numel() - 1
     if k is not None:
         Rp = R.view(U, k, R.shape[1])
     else:
+        units, pos = units.to(Z.device), pos.to(Z.device)  # no-ops when already there
         Rp = R.new_zeros(U, kmax, R.shape[1])
         Rp[units, pos] = R
     coef = torch.bmm(Z.transpose(0, 1), Rp.transpose(1, 2))  # (U, n, kmax)
@@ -120,10 +124,12 @@ def _coefficients(Z, R, t, offsets):
     return coef[units, :, pos].transpose(0, 1) + t
 
 
-def coefficients(Z: torch.Tensor, R: torch.Tensor, t: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
-    """(n, K) per-sample coefficients ``Z_u @ R_u.T + t`` in the accumulation dtype (differentiable)."""
+def coefficients(Z: torch.Tensor, R: torch.Tensor, t: torch.Tensor, offsets: torch.Tensor,
+                 layout: PackedLayout | None = None) -> torch.Tensor:
+    """(n, K) per-sample coefficients ``Z_u @ R_u.T + t`` in the accumulation dtype (differentiable).
+    ``layout`` (:func:`packed_layout` of ``offsets``, computed once) avoids reading ``offsets`` per call."""
     acc = acc_dtype(Z.dtype)
-    return _coefficients(Z.to(acc), R.to(acc), t.to(acc), offsets)
+    return _coefficients(Z.to(acc), R.to(acc), t.to(acc), offsets, layout)
 
 
 # -- the re-weighting GEMM -----------------------------------------------------------
@@ -220,7 +226,8 @@ def reweight(c: torch.Tensor, lam: torch.Tensor, B: torch.Tensor, out_dtype: tor
 
 
 def spectral_reweight(Z: torch.Tensor, R: torch.Tensor, t: torch.Tensor, lam: torch.Tensor, B: torch.Tensor,
-                      offsets: torch.Tensor, backend: str = "auto") -> torch.Tensor:
+                      offsets: torch.Tensor, backend: str = "auto", *,
+                      layout: PackedLayout | None = None) -> torch.Tensor:
     """Sum over units of the re-weighted spectral coefficients mapped back to output space.
 
     Args:
@@ -229,10 +236,12 @@ def spectral_reweight(Z: torch.Tensor, R: torch.Tensor, t: torch.Tensor, lam: to
         t: (K,) coefficient offsets.
         lam: (K,) weights.
         B: (K, D) packed components.
-        offsets: (U + 1,) int64; unit ``u`` owns packed rows ``offsets[u]:offsets[u+1]``. On the CPU
-            (even for CUDA inputs) the packing layout is read without a device-to-host sync.
+        offsets: (U + 1,) int64; unit ``u`` owns packed rows ``offsets[u]:offsets[u+1]`` (on the inputs'
+            device or on the CPU).
         backend: ``"auto"``, ``"torch"``, ``"triton"`` or ``"cuda"`` (``RESIDUAL_FAST_BACKEND``
             overrides ``"auto"``); it selects the :func:`reweight` GEMM.
+        layout: :func:`packed_layout` of ``offsets``, computed once: with it the torch path has no
+            device-to-host sync (reading GPU ``offsets`` on every call would be one).
 
     Returns:
         (n, D) in ``Z``'s dtype, accumulated in fp32 (fp64 for fp64 inputs).
@@ -240,4 +249,4 @@ def spectral_reweight(Z: torch.Tensor, R: torch.Tensor, t: torch.Tensor, lam: to
     """
     _check(Z, R, t, lam, B, offsets)
     choose(backend, Z.device)  # fail early, outside the op, with a clear message
-    return _reweight_op(coefficients(Z, R, t, offsets), lam, B, Z.dtype, backend)
+    return _reweight_op(coefficients(Z, R, t, offsets, layout), lam, B, Z.dtype, backend)
