@@ -109,7 +109,10 @@ def packed_layout(offsets: torch.Tensor) -> PackedLayout:
 
 
 def _coefficients(Z, R, t, offsets, layout: PackedLayout | None = None):
-    """(n, K) coefficients ``Z_u @ R_k + t_k``, by one batched GEMM over units."""
+    """(n, K) coefficients ``Z_u @ R_k + t_k``, by one batched GEMM over units.
+
+    Computed as (U, k, n) -> (K, n) and returned transposed: no (n, U, ...) tensor is ever formed (the
+    adapter promises never to build one of (n, U, D) size, and with full-rank bases k = D)."""
     k, units, pos, kmax = layout if layout is not None else packed_layout(offsets)
     U = offsets.numel() - 1
     if k is not None:
@@ -118,10 +121,9 @@ def _coefficients(Z, R, t, offsets, layout: PackedLayout | None = None):
         units, pos = units.to(Z.device), pos.to(Z.device)  # no-ops when already there
         Rp = R.new_zeros(U, kmax, R.shape[1])
         Rp[units, pos] = R
-    coef = torch.bmm(Z.transpose(0, 1), Rp.transpose(1, 2))  # (U, n, kmax)
-    if k is not None:
-        return coef.transpose(0, 1).reshape(Z.shape[0], -1) + t
-    return coef[units, :, pos].transpose(0, 1) + t
+    coef = torch.bmm(Rp, Z.permute(1, 2, 0))  # (U, kmax, n)
+    coef = coef.view(-1, Z.shape[0]) if k is not None else coef[units, pos]  # (K, n)
+    return coef.T + t
 
 
 def coefficients(Z: torch.Tensor, R: torch.Tensor, t: torch.Tensor, offsets: torch.Tensor,
@@ -248,5 +250,8 @@ def spectral_reweight(Z: torch.Tensor, R: torch.Tensor, t: torch.Tensor, lam: to
         Differentiable in ``Z`` (only computed when ``Z`` requires grad) and ``lam``.
     """
     _check(Z, R, t, lam, B, offsets)
-    choose(backend, Z.device)  # fail early, outside the op, with a clear message
-    return _reweight_op(coefficients(Z, R, t, offsets, layout), lam, B, Z.dtype, backend)
+    kind = choose(backend, Z.device)  # fail early, outside the op, with a clear message
+    c = coefficients(Z, R, t, offsets, layout)
+    if kind != "torch":
+        c = c.contiguous()  # row-major (n, K): the layout the kernels are tuned and checked for
+    return _reweight_op(c, lam, B, Z.dtype, backend)
