@@ -10,7 +10,7 @@ import torch
 
 import residual_fast as rf
 from residual_fast.ops import coefficients, residual_reference, reweight, spectral_reweight, spectral_reweight_reference
-from residual_fast.ops.backends import cuda_status, triton_status
+from residual_fast.ops.backends import cuda_status, interpreting, triton_status
 from residual_fast.ops.readout import readout, readout_torch
 from residual_fast.ops.spectral_reweight import _reweight_backward_op, _reweight_op
 
@@ -159,7 +159,7 @@ def test_gradcheck_float64_torch_path(ks):
 def test_opcheck(backend):
     if backend == "triton" and not triton_status()[0]:
         pytest.skip(triton_status()[1])
-    Z, R, t, lam, B, off = make_inputs(9, [2, 4, 1], 6, 8, device="cpu")
+    Z, R, t, lam, B, off = make_inputs(9, [2, 4, 1], 6, 8, device=DEVICE if backend == "triton" else "cpu")
     c = coefficients(Z, R, t, off).requires_grad_(True)
     lam.requires_grad_(True)
     torch.library.opcheck(_reweight_op, (c, lam, B, torch.float32, backend))
@@ -169,8 +169,8 @@ def test_opcheck(backend):
 @pytest.mark.parametrize("need_dc", [True, False])
 def test_opcheck_backward_op(backend, need_dc):
     """The backward op's fake impl promises the real layout (inductor asserts it), also for a strided c."""
-    Z, R, t, lam, B, off = make_inputs(9, [2, 4, 1], 6, 8, device="cpu")
-    grad = torch.randn(9, 8)
+    Z, R, t, lam, B, off = make_inputs(9, [2, 4, 1], 6, 8, device=DEVICE if backend == "triton" else "cpu")
+    grad = torch.randn(9, 8, device=Z.device)
     c = coefficients(Z, R, t, off)
     ct = c.T.contiguous().T  # (n, K) with transposed strides
     for cc in (c, ct):
@@ -256,8 +256,8 @@ def test_readout_kernel(backend, final):
 def test_residual_paths_with_kernels(backend, small, calib):
     from conftest import images_for
 
-    if backend == "cuda":
-        pytest.skip("end-to-end CUDA runs in the GPU benchmark script")
+    if backend == "cuda" or not interpreting():
+        pytest.skip("end-to-end on CPU tensors (Triton through the interpreter); the GPU benchmark script runs it")
     bases = rf.fit_bases(small, [calib], units=("head", "mlp"), progress=False)
     x = images_for(small, 7, seed=3)
     dec = rf.decompose(small, x)
@@ -295,6 +295,22 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 def _compile_env():
     return dict(os.environ, TRITON_INTERPRET="0", CUDA_HOME=_cuda_home() or "/usr/local/cuda")
+
+
+def test_codegen_gate_fails_on_each_problem():
+    """The --codegen exit status is only worth something if every problem it looks for fails a kernel."""
+    from residual_fast.codegen import KernelReport, _ptxas_usage
+
+    good = dict(name="k", config="c", tensor_core="wgmma/HGMMA", registers=128, spill_bytes=0, smem_bytes=1024,
+                offsets="i64")
+    assert KernelReport(**good).problems == []
+    for change in ({"tensor_core": "none"}, {"spill_bytes": 8}, {"smem_bytes": 228 * 1024}, {"offsets": "i32+i64"}):
+        assert KernelReport(**{**good, **change}).problems, change
+    text = ("ptxas info    : Compiling entry function '_Z3fooPf' for 'sm_90'\n"
+            "ptxas info    : Function properties for _Z3fooPf\n"
+            "    8 bytes stack frame, 4 bytes spill stores, 4 bytes spill loads\n"
+            "ptxas info    : Used 96 registers, used 1 barriers, 24064 bytes smem\n")
+    assert _ptxas_usage(text) == {"_Z3fooPf": (96, 8, 24064)}
 
 
 def test_offset_type_reader():
