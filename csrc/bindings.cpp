@@ -7,17 +7,18 @@
 #include <tuple>
 
 namespace residual_fast {
-cudaError_t spectral_reweight_forward_launch(int dtype, const void* Z, const void* R, const void* t, const void* lam,
-                                             const void* B, const int64_t* off, void* Y, int n, int U, int Q, int D,
-                                             cudaStream_t stream);
-cudaError_t spectral_reweight_backward_launch(int dtype, const void* G, const void* Z, const void* R, const void* t,
-                                              const void* lam, const void* B, const int64_t* off, void* DZ,
-                                              float* dlam_part, int n, int U, int Q, int D, int64_t K,
-                                              cudaStream_t stream);
-int spectral_reweight_rows_per_block();
-cudaError_t readout_launch(int dtype, float* acc, const void* r, int64_t r_stride, const float* M, int n, int W,
-                           int D, bool final_, const float* s, const float* mu, const float* v1, const float* v2,
-                           const float* c, const void* out, void* y, cudaStream_t stream);
+cudaError_t reweight_forward_launch(int dtype, const void* c, int64_t s_cn, int64_t s_ck, const float* lam,
+                                    const void* B, int64_t s_bk, int64_t s_bd, void* y, int64_t s_yn, int64_t s_yd,
+                                    int64_t n, int64_t K, int64_t D, cudaStream_t stream);
+cudaError_t reweight_backward_launch(int dtype, const void* G, int64_t s_gn, int64_t s_gd, const void* B,
+                                     int64_t s_bk, int64_t s_bd, const void* c, int64_t s_cn, int64_t s_ck,
+                                     const float* lam, float* dlam, float* dc, int64_t s_dcn, int64_t s_dck,
+                                     int64_t n, int64_t K, int64_t D, cudaStream_t stream);
+cudaError_t readout_launch(int dtype, float* acc, int64_t s_an, int64_t s_ad, const void* r, int64_t s_rn,
+                           int64_t s_rw, const float* M, int64_t s_mw, int64_t s_md, int64_t n, int64_t W, int64_t D,
+                           bool final_, const float* s, const float* mu, const float* v1, const float* v2,
+                           const float* c, const void* out, int64_t s_on, int64_t s_od, void* y, int64_t s_yn,
+                           int64_t s_yd, cudaStream_t stream);
 }  // namespace residual_fast
 
 namespace {
@@ -37,53 +38,49 @@ void check_cuda(const torch::Tensor& x, const char* name) {
   TORCH_CHECK(x.is_contiguous(), name, " must be contiguous");
 }
 
-void check_packed(const torch::Tensor& Z, const torch::Tensor& R, const torch::Tensor& t, const torch::Tensor& lam,
-                  const torch::Tensor& B, const torch::Tensor& offsets) {
-  check_cuda(Z, "Z"); check_cuda(R, "R"); check_cuda(t, "t"); check_cuda(lam, "lam"); check_cuda(B, "B");
-  check_cuda(offsets, "offsets");
-  TORCH_CHECK(Z.dim() == 3, "Z must be (n, U, q)");
-  TORCH_CHECK(offsets.scalar_type() == torch::kLong && offsets.numel() == Z.size(1) + 1, "offsets must be int64 (U+1)");
-  TORCH_CHECK(R.dim() == 2 && R.size(1) == Z.size(2), "R must be (K, q)");
-  TORCH_CHECK(B.dim() == 2 && B.size(0) == R.size(0), "B must be (K, D)");
-  TORCH_CHECK(t.numel() == R.size(0) && lam.numel() == R.size(0), "t and lam must have K entries");
-  for (const auto* x : {&R, &t, &lam, &B})
-    TORCH_CHECK(x->scalar_type() == Z.scalar_type(), "all floating inputs must share Z's dtype");
-}
+void check_on_cuda(const torch::Tensor& x, const char* name) { TORCH_CHECK(x.is_cuda(), name, " must be a CUDA tensor"); }
 
 void check_launch(cudaError_t err) { TORCH_CHECK(err == cudaSuccess, "CUDA launch failed: ", cudaGetErrorString(err)); }
 
-torch::Tensor spectral_reweight_forward(torch::Tensor Z, torch::Tensor R, torch::Tensor t, torch::Tensor lam,
-                                        torch::Tensor B, torch::Tensor offsets) {
-  check_packed(Z, R, t, lam, B, offsets);
-  const c10::cuda::CUDAGuard guard(Z.device());
-  auto Y = torch::empty({Z.size(0), B.size(1)}, Z.options());
-  if (Z.size(0) == 0) return Y;
-  check_launch(residual_fast::spectral_reweight_forward_launch(
-      dtype_code(Z), Z.data_ptr(), R.data_ptr(), t.data_ptr(), lam.data_ptr(), B.data_ptr(),
-      offsets.data_ptr<int64_t>(), Y.data_ptr(), (int)Z.size(0), (int)Z.size(1), (int)Z.size(2), (int)B.size(1),
-      c10::cuda::getCurrentCUDAStream().stream()));
-  return Y;
+void check_reweight(const torch::Tensor& c, const torch::Tensor& lam, const torch::Tensor& B) {
+  check_on_cuda(c, "c"); check_cuda(lam, "lam"); check_on_cuda(B, "B");
+  TORCH_CHECK(c.dim() == 2 && B.dim() == 2 && B.size(0) == c.size(1) && lam.numel() == c.size(1),
+              "expected c (n, K), lam (K,), B (K, D)");
+  TORCH_CHECK(c.scalar_type() == torch::kFloat && lam.scalar_type() == torch::kFloat, "c and lam must be float32");
 }
 
-std::tuple<torch::Tensor, torch::Tensor> spectral_reweight_backward(torch::Tensor G, torch::Tensor Z, torch::Tensor R,
-                                                                    torch::Tensor t, torch::Tensor lam,
-                                                                    torch::Tensor B, torch::Tensor offsets) {
-  check_packed(Z, R, t, lam, B, offsets);
-  check_cuda(G, "grad");
-  TORCH_CHECK(G.scalar_type() == Z.scalar_type() && G.size(0) == Z.size(0) && G.size(1) == B.size(1),
-              "grad must be (n, D) in Z's dtype");
-  const c10::cuda::CUDAGuard guard(Z.device());
-  const int64_t tiles = (Z.size(0) + residual_fast::spectral_reweight_rows_per_block() - 1) /
-                        residual_fast::spectral_reweight_rows_per_block();
-  auto dZ = torch::empty_like(Z);
-  auto part = torch::zeros({std::max<int64_t>(tiles, 1), R.size(0)}, Z.options().dtype(torch::kFloat));
-  if (Z.size(0) > 0) {
-    check_launch(residual_fast::spectral_reweight_backward_launch(
-        dtype_code(Z), G.data_ptr(), Z.data_ptr(), R.data_ptr(), t.data_ptr(), lam.data_ptr(), B.data_ptr(),
-        offsets.data_ptr<int64_t>(), dZ.data_ptr(), part.data_ptr<float>(), (int)Z.size(0), (int)Z.size(1),
-        (int)Z.size(2), (int)B.size(1), R.size(0), c10::cuda::getCurrentCUDAStream().stream()));
-  }
-  return {dZ, part.sum(0)};
+// y (n, D) in B's dtype = (c * lam) @ B; any strides for c and B.
+torch::Tensor reweight_forward(torch::Tensor c, torch::Tensor lam, torch::Tensor B) {
+  check_reweight(c, lam, B);
+  const c10::cuda::CUDAGuard guard(c.device());
+  auto y = torch::empty({c.size(0), B.size(1)}, B.options());
+  if (y.numel() == 0) return y;
+  check_launch(residual_fast::reweight_forward_launch(
+      dtype_code(B), c.data_ptr(), c.stride(0), c.stride(1), lam.data_ptr<float>(), B.data_ptr(), B.stride(0),
+      B.stride(1), y.data_ptr(), y.stride(0), y.stride(1), c.size(0), c.size(1), B.size(1),
+      c10::cuda::getCurrentCUDAStream().stream()));
+  return y;
+}
+
+// (dc = (grad @ B^T) * lam or None, dlam = colsum(c * (grad @ B^T))), both fp32.
+std::tuple<std::optional<torch::Tensor>, torch::Tensor> reweight_backward(torch::Tensor grad, torch::Tensor c,
+                                                                          torch::Tensor lam, torch::Tensor B,
+                                                                          bool need_dc) {
+  check_reweight(c, lam, B);
+  check_on_cuda(grad, "grad");
+  TORCH_CHECK(grad.dim() == 2 && grad.size(0) == c.size(0) && grad.size(1) == B.size(1) &&
+              grad.scalar_type() == B.scalar_type(), "grad must be (n, D) in B's dtype");
+  const c10::cuda::CUDAGuard guard(c.device());
+  auto dlam = torch::zeros({c.size(1)}, c.options());
+  std::optional<torch::Tensor> dc;
+  if (need_dc) dc = torch::empty_like(c, at::MemoryFormat::Contiguous);
+  if (c.numel() == 0) return {dc, dlam};
+  check_launch(residual_fast::reweight_backward_launch(
+      dtype_code(B), grad.data_ptr(), grad.stride(0), grad.stride(1), B.data_ptr(), B.stride(0), B.stride(1),
+      c.data_ptr(), c.stride(0), c.stride(1), lam.data_ptr<float>(), dlam.data_ptr<float>(),
+      dc ? dc->data_ptr<float>() : nullptr, dc ? dc->stride(0) : 0, dc ? dc->stride(1) : 0, c.size(0), c.size(1),
+      B.size(1), c10::cuda::getCurrentCUDAStream().stream()));
+  return {dc, dlam};
 }
 
 // acc (n, D) fp32 += r (n, W) @ M (W, D) fp32; with final, returns the epilogue y in out's dtype.
@@ -91,15 +88,16 @@ std::optional<torch::Tensor> readout(torch::Tensor acc, torch::Tensor r, torch::
                                      std::optional<torch::Tensor> s, std::optional<torch::Tensor> mu,
                                      std::optional<torch::Tensor> v1, std::optional<torch::Tensor> v2,
                                      std::optional<torch::Tensor> c, std::optional<torch::Tensor> out) {
-  check_cuda(acc, "acc"); check_cuda(M, "M");
-  TORCH_CHECK(r.is_cuda() && r.dim() == 2 && r.stride(1) == 1, "r must be a CUDA (n, W) tensor with unit column stride");
+  check_on_cuda(acc, "acc"); check_on_cuda(M, "M"); check_on_cuda(r, "r");
+  TORCH_CHECK(r.dim() == 2 && acc.dim() == 2 && M.dim() == 2, "acc, r and M must be matrices");
   TORCH_CHECK(acc.scalar_type() == torch::kFloat && M.scalar_type() == torch::kFloat, "acc and M must be float32");
   TORCH_CHECK(M.size(0) == r.size(1) && M.size(1) == acc.size(1) && acc.size(0) == r.size(0), "shape mismatch");
   const c10::cuda::CUDAGuard guard(acc.device());
-  const int n = (int)r.size(0), W = (int)r.size(1), D = (int)M.size(1);
+  const int64_t n = r.size(0), W = r.size(1), D = M.size(1);
   std::optional<torch::Tensor> y;
   const float *ps = nullptr, *pmu = nullptr, *pv1 = nullptr, *pv2 = nullptr, *pc = nullptr;
   const void* pout = nullptr;
+  int64_t s_on = 0, s_od = 0;
   void* py = nullptr;
   if (final_) {
     TORCH_CHECK(s && mu && v1 && v2 && c, "the final readout needs s, mu, v1, v2 and c");
@@ -110,17 +108,20 @@ std::optional<torch::Tensor> readout(torch::Tensor acc, torch::Tensor r, torch::
     ps = s->data_ptr<float>(); pmu = mu->data_ptr<float>(); pv1 = v1->data_ptr<float>();
     pv2 = v2->data_ptr<float>(); pc = c->data_ptr<float>();
     if (out) {
-      check_cuda(*out, "out");
+      check_on_cuda(*out, "out");
       TORCH_CHECK(out->scalar_type() == r.scalar_type(), "out must share r's dtype");
       pout = out->data_ptr();
+      s_on = out->stride(0);
+      s_od = out->stride(1);
     }
     y = torch::empty({n, D}, r.options());
     py = y->data_ptr();
   }
   if (n > 0) {
-    check_launch(residual_fast::readout_launch(dtype_code(r), acc.data_ptr<float>(), r.data_ptr(), r.stride(0),
-                                               M.data_ptr<float>(), n, W, D, final_, ps, pmu, pv1, pv2, pc, pout, py,
-                                               c10::cuda::getCurrentCUDAStream().stream()));
+    check_launch(residual_fast::readout_launch(
+        dtype_code(r), acc.data_ptr<float>(), acc.stride(0), acc.stride(1), r.data_ptr(), r.stride(0), r.stride(1),
+        M.data_ptr<float>(), M.stride(0), M.stride(1), n, W, D, final_, ps, pmu, pv1, pv2, pc, pout, s_on, s_od, py,
+        y ? y->stride(0) : 0, y ? y->stride(1) : 0, c10::cuda::getCurrentCUDAStream().stream()));
   }
   return y;
 }
@@ -129,7 +130,7 @@ std::optional<torch::Tensor> readout(torch::Tensor acc, torch::Tensor r, torch::
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "residual_fast CUDA kernels";
-  m.def("spectral_reweight_forward", &spectral_reweight_forward, "spectral_reweight forward (CUDA)");
-  m.def("spectral_reweight_backward", &spectral_reweight_backward, "spectral_reweight backward (CUDA)");
+  m.def("reweight_forward", &reweight_forward, "(c * lam) @ B on tensor cores (CUDA)");
+  m.def("reweight_backward", &reweight_backward, "dc and dlam of reweight_forward on tensor cores (CUDA)");
   m.def("readout", &readout, "fused readout accumulate / epilogue (CUDA)");
 }

@@ -34,7 +34,18 @@ def report() -> str:
     return "\n".join(lines)
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
+    import argparse
+
+    ap = argparse.ArgumentParser(prog="python -m residual_fast.info", description=__doc__)
+    ap.add_argument("--codegen", action="store_true",
+                    help="compile every Triton and CUDA kernel for sm_90 (no GPU needed) and report tensor-core "
+                         "instructions, registers, spills and shared memory; exit 1 on any problem")
+    args = ap.parse_args(argv)
+    if args.codegen:
+        from .codegen import run
+
+        raise SystemExit(run())
     print(report())
 
 

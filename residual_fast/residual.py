@@ -11,7 +11,7 @@ from torch import nn
 from ._version import __version__
 from .models import UNIT_KINDS, ReadoutSpec, fingerprint_mismatch, get_adapter
 from .ops import spectral_reweight
-from .ops.spectral_reweight import packed_index
+from .ops.spectral_reweight import PackedLayout, packed_index
 from .serialization import (
     CorruptFileError,
     check_meta,
@@ -74,6 +74,10 @@ class UnitGroup(nn.Module):
     @property
     def num_units(self) -> int:
         return len(self._ks)
+
+    def layout(self) -> PackedLayout:
+        """The packing from the host-side numbers: spectral_reweight then never reads ``offsets`` (no sync)."""
+        return PackedLayout(self._ks[0] if self._uniform else None, self._units, self._pos, self._kmax)
 
     def ks(self) -> list[int]:
         return list(self._ks)
@@ -347,7 +351,8 @@ class ResiDual(nn.Module):
             if g.scalar:
                 y = y + _flat_mm(Z * (lam - sum_abl)[:, None], c["F"]) + (lam - sum_abl).sum() * c["const_unit"]
                 continue
-            y = y + spectral_reweight(Z, c["R"], c["t"], lam - self.padding, c["B"], g.offsets, backend=self.backend)
+            y = y + spectral_reweight(Z, c["R"], c["t"], lam - self.padding, c["B"], g.offsets,
+                                      backend=self.backend, layout=g.layout())
             lin = self.padding - sum_abl
             if lin:
                 y = y + lin * _flat_mm(Z, c["F"])

@@ -1,9 +1,11 @@
 """Which implementation runs an op: availability, the reason when missing, and the choice.
 
-``backend="auto"`` picks, for CUDA tensors, the CUDA extension, else Triton,
-else torch; for CPU tensors, torch. ``RESIDUAL_FAST_BACKEND`` (``torch``,
-``triton``, ``cuda``) overrides ``auto`` everywhere. Triton on CPU tensors runs
-only under ``TRITON_INTERPRET=1`` (the tests use it).
+``backend="auto"`` follows :data:`AUTO_ORDER`: a kernel backend enters it only
+once a GPU measurement (BENCHMARKS.md, "Kernel backends") shows it faster than
+the torch path for that op; until then ``auto`` is torch (cuBLAS on a GPU) on
+every device. ``RESIDUAL_FAST_BACKEND`` (``torch``, ``triton``, ``cuda``)
+overrides ``auto`` everywhere. Triton on CPU tensors runs only under
+``TRITON_INTERPRET=1`` (the tests use it).
 """
 
 from __future__ import annotations
@@ -15,6 +17,15 @@ import torch
 
 BACKENDS = ("auto", "torch", "triton", "cuda")
 ENV = "RESIDUAL_FAST_BACKEND"
+
+# What ``auto`` tries on CUDA tensors, per op, fastest first (torch is always the last resort).
+#
+#   op        measured on               triton vs torch   cuda vs torch   source
+#   reweight  not measured (no GPU yet)  --                --              BENCHMARKS.md "Kernel backends"
+#   readout   not measured (no GPU yet)  --                --              BENCHMARKS.md "Kernel backends"
+#
+# Add a backend here only with the measurement (benchmarks/gpu_check.sh) that shows it faster.
+AUTO_ORDER: dict[str, tuple[str, ...]] = {"reweight": (), "readout": ()}
 
 
 @functools.cache
@@ -42,8 +53,8 @@ def cuda_status() -> tuple[bool, str]:
     return extension_status()
 
 
-def choose(requested: str, device: torch.device) -> str:
-    """Resolve ``requested`` for tensors on ``device``; raise a clear error if it cannot run."""
+def choose(requested: str, device: torch.device, op: str = "reweight") -> str:
+    """Resolve ``requested`` for ``op`` on ``device``; raise a clear error if it cannot run."""
     if requested not in BACKENDS:
         raise ValueError(f"unknown backend {requested!r}; choose one of {BACKENDS}")
     if requested == "auto":
@@ -52,10 +63,10 @@ def choose(requested: str, device: torch.device) -> str:
             raise ValueError(f"{ENV}={requested!r} is not one of {BACKENDS}")
     if requested == "auto":
         if device.type == "cuda":
-            if cuda_status()[0]:
-                return "cuda"
-            if triton_status()[0]:
-                return "triton"
+            status = {"cuda": cuda_status, "triton": triton_status}
+            for kind in AUTO_ORDER.get(op, ()):
+                if status[kind]()[0]:
+                    return kind
         return "torch"
     if requested == "triton":
         ok, why = triton_status()

@@ -10,6 +10,8 @@ import torch
 
 CSRC = Path(__file__).resolve().parents[2] / "csrc"
 SOURCES = ("spectral_reweight.cu", "readout.cu", "bindings.cpp")
+HEADERS = ("common.cuh", "gemm.cuh")
+NVCC_FLAGS = ["-O3", "-std=c++17"]  # as setup.py; no --use_fast_math (the 3xTF32 split needs exact fp32 subtraction)
 
 
 def _load_prebuilt():
@@ -22,14 +24,15 @@ def jit_build(verbose: bool = False, build_directory: str | None = None):
     """Compile ``csrc/`` with torch's extension machinery (needs nvcc and a CUDA torch)."""
     from torch.utils.cpp_extension import load
 
-    missing = [s for s in SOURCES if not (CSRC / s).is_file()]
+    missing = [s for s in SOURCES + HEADERS if not (CSRC / s).is_file()]
     if missing:
         raise FileNotFoundError(f"CUDA sources not found in {CSRC}: {missing} (an installed wheel has no csrc/)")
     return load(
         name="residual_fast_cuda",
         sources=[str(CSRC / s) for s in SOURCES],
         extra_cflags=["-O3"],
-        extra_cuda_cflags=["-O3"],
+        extra_cuda_cflags=NVCC_FLAGS,
+        extra_include_paths=[str(CSRC)],
         build_directory=build_directory,
         verbose=verbose,
     )

@@ -28,7 +28,7 @@ def readout_torch(acc, r, M, epilogue=None):
 def readout(acc: torch.Tensor, r: torch.Tensor, M: torch.Tensor, epilogue: dict | None = None,
             backend: str = "auto") -> torch.Tensor | None:
     """``acc += r @ M``; with ``epilogue`` (keys s, mu, v1, v2, c, out, dtype) return the final ``y``."""
-    kind = choose(backend, acc.device)
+    kind = choose(backend, acc.device, op="readout")
     if acc.dtype != torch.float32 or torch.is_grad_enabled() and (M.requires_grad or acc.requires_grad):
         kind = "torch"  # kernels are fp32, forward-only
     if kind == "triton":
@@ -43,7 +43,7 @@ def readout(acc: torch.Tensor, r: torch.Tensor, M: torch.Tensor, epilogue: dict 
             ext.readout(acc, r, M, False, None, None, None, None, None, None)
             return None
         out = epilogue["out"]
-        y = ext.readout(acc, r, M, True, epilogue["s"], epilogue["mu"], epilogue["v1"], epilogue["v2"],
-                        epilogue["c"], None if out is None else out.to(r.dtype).contiguous())
+        vecs = [epilogue[k].contiguous() for k in ("s", "mu", "v1", "v2", "c")]
+        y = ext.readout(acc, r, M, True, *vecs, None if out is None else out.to(r.dtype))
         return y.to(epilogue["dtype"])
     return readout_torch(acc, r, M, epilogue)

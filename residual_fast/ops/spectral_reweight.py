@@ -1,4 +1,4 @@
-"""``spectral_reweight``: the fused core of ResiDual's factorized computation.
+"""``spectral_reweight``: the core of ResiDual's factorized computation.
 
     y[n] = sum_u ((Z[n, u] @ R_u.T + t_u) * lam_u) @ B_u
 
@@ -6,19 +6,29 @@ with ``k_u`` components per unit packed along one axis: ``R`` (K, q),
 ``t``/``lam`` (K,), ``B`` (K, D), unit ``u`` owning rows
 ``offsets[u]:offsets[u + 1]``.
 
-One ``torch.library`` custom op (``residual_fast::spectral_reweight``, with a
-fake implementation and a registered autograd formula) dispatches to:
+It is two steps (DESIGN.md section 5):
 
-* ``torch``: batched GEMM for the coefficients, scale, one GEMM over the packed
-  components (any device; the CPU path);
-* ``triton``: fused forward/backward kernels (:mod:`.triton.spectral_reweight`);
-* ``cuda``: the CUDA C++ kernels in ``csrc/`` (:mod:`.cuda`).
+* :func:`coefficients` ``c = Z_u @ R_u.T + t`` (n, K): one batched GEMM in
+  torch (cuBLAS on a GPU). While lambda trains these are constants of the
+  cached data, so a training loop may compute them once and call
+  :func:`reweight` directly;
+* :func:`reweight` ``y = (c * lam) @ B``: the ``torch.library`` custom op
+  ``residual_fast::reweight`` (fake implementation, registered autograd
+  formula, a backward op ``residual_fast::reweight_backward``), dispatched to
 
-Gradients flow to ``Z`` and ``lam``; ``R``, ``t``, ``B`` and ``offsets`` are
-constants of a fitted adapter. Half-precision inputs accumulate in fp32.
+  - ``torch``: one GEMM (any device; the CPU path and the reference of the kernels);
+  - ``triton``: tensor-core GEMMs with the lambda prologue and the dlam
+    epilogue fused (:mod:`.triton.spectral_reweight`);
+  - ``cuda``: the same in CUDA C++ with WMMA (``csrc/``, :mod:`.cuda`).
+
+Gradients flow to ``lam`` always and to ``Z`` (through ``c``) only when ``Z``
+requires them; ``R``, ``t``, ``B`` and ``offsets`` are constants of a fitted
+adapter. Half-precision inputs accumulate in fp32.
 """
 
 from __future__ import annotations
+
+from typing import NamedTuple
 
 import torch
 
@@ -66,9 +76,10 @@ def _check(Z, R, t, lam, B, offsets) -> None:
             f"inconsistent packed shapes: R {tuple(R.shape)} (expected ({K}, {q})), t {tuple(t.shape)}, "
             f"lam {tuple(lam.shape)}, B {tuple(B.shape)}"
         )
-    devices = {x.device for x in (Z, R, t, lam, B, offsets)}
+    devices = {x.device for x in (Z, R, t, lam, B)} | ({offsets.device} - {torch.device("cpu")})
     if len(devices) != 1:
-        raise ValueError(f"all inputs must be on one device, got {sorted(map(str, devices))}")
+        raise ValueError(f"all inputs must be on one device (offsets may stay on the CPU), got "
+                         f"{sorted(map(str, devices))}")
     for name, x in (("Z", Z), ("R", R), ("t", t), ("lam", lam), ("B", B)):
         if x.dtype not in (torch.float16, torch.bfloat16, torch.float32, torch.float64):
             raise TypeError(f"{name} must be a floating tensor, got {x.dtype}")
@@ -79,122 +90,146 @@ def acc_dtype(dtype: torch.dtype) -> torch.dtype:
     return dtype if dtype in (torch.float32, torch.float64) else torch.float32
 
 
-# -- torch path ------------------------------------------------------------------
-def _coefficients(Z, R, t, offsets):
-    """(n, K) coefficients ``Z_u @ R_k + t_k``, by one batched GEMM over units."""
-    coef = torch.bmm(Z.transpose(0, 1), pad_packed(R, offsets).transpose(1, 2))  # (U, n, kmax)
-    if uniform_k(offsets) is not None:
-        return coef.transpose(0, 1).reshape(Z.shape[0], -1) + t
-    units, pos, _ = packed_index(offsets)
-    return coef[units, :, pos].transpose(0, 1) + t
+# -- coefficients (torch) -----------------------------------------------------------
+class PackedLayout(NamedTuple):
+    """The packing of ``offsets`` as the coefficient GEMM needs it: ``k`` when all units have the same
+    number of components (else None), each packed row's unit and position (on the compute device), max ``k``."""
+
+    uniform_k: int | None
+    units: torch.Tensor
+    pos: torch.Tensor
+    kmax: int
 
 
-def _torch_forward(Z, R, t, lam, B, offsets):
+def packed_layout(offsets: torch.Tensor) -> PackedLayout:
+    """From ``offsets``: reads them on the host (a device-to-host sync when they live on a GPU, so callers
+    that step many times compute it once, as :class:`residual_fast.ResiDual` does)."""
+    units, pos, kmax = packed_index(offsets)
+    return PackedLayout(uniform_k(offsets), units, pos, kmax)
+
+
+def _coefficients(Z, R, t, offsets, layout: PackedLayout | None = None):
+    """(n, K) coefficients ``Z_u @ R_k + t_k``, by one batched GEMM over units.
+
+    Computed as (U, k, n) -> (K, n) and returned transposed: no (n, U, ...) tensor is ever formed (the
+    adapter promises never to build one of (n, U, D) size, and with full-rank bases k = D)."""
+    k, units, pos, kmax = layout if layout is not None else packed_layout(offsets)
+    U = offsets.numel() - 1
+    if k is not None:
+        Rp = R.view(U, k, R.shape[1])
+    else:
+        units, pos = units.to(Z.device), pos.to(Z.device)  # no-ops when already there
+        Rp = R.new_zeros(U, kmax, R.shape[1])
+        Rp[units, pos] = R
+    coef = torch.bmm(Rp, Z.permute(1, 2, 0))  # (U, kmax, n)
+    coef = coef.view(-1, Z.shape[0]) if k is not None else coef[units, pos]  # (K, n)
+    return coef.T + t
+
+
+def coefficients(Z: torch.Tensor, R: torch.Tensor, t: torch.Tensor, offsets: torch.Tensor,
+                 layout: PackedLayout | None = None) -> torch.Tensor:
+    """(n, K) per-sample coefficients ``Z_u @ R_u.T + t`` in the accumulation dtype (differentiable).
+    ``layout`` (:func:`packed_layout` of ``offsets``, computed once) avoids reading ``offsets`` per call."""
     acc = acc_dtype(Z.dtype)
-    c = _coefficients(Z.to(acc), R.to(acc), t.to(acc), offsets)
-    return ((c * lam.to(acc)) @ B.to(acc)).to(Z.dtype)
+    return _coefficients(Z.to(acc), R.to(acc), t.to(acc), offsets, layout)
 
 
-def _torch_backward(grad, Z, R, t, lam, B, offsets):
-    acc = acc_dtype(Z.dtype)
-    Za, Ra, la = Z.to(acc), R.to(acc), lam.to(acc)
-    c = _coefficients(Za, Ra, t.to(acc), offsets)
+# -- the re-weighting GEMM -----------------------------------------------------------
+def _kernel_operands(c, lam, B, out_dtype):
+    """Kernels take c, lam in fp32 and B in the compute dtype (= the output dtype: fp32/fp16/bf16)."""
+    return c.float(), lam.float().contiguous(), B.to(out_dtype)
+
+
+def _run_forward(c, lam, B, out_dtype, backend):
+    if backend != "torch" and out_dtype != torch.float64 and c.dtype != torch.float64:
+        c, lam, B = _kernel_operands(c, lam, B, out_dtype)
+        if backend == "triton":
+            from .triton import spectral_reweight as tk
+
+            return tk.forward(c, lam, B, out_dtype)
+        if backend == "cuda":
+            from .cuda import load_extension
+
+            return load_extension().reweight_forward(c, lam, B)
+    acc = c.dtype
+    return ((c * lam.to(acc)) @ B.to(acc)).to(out_dtype)
+
+
+def _run_backward(grad, c, lam, B, need_dc, backend):
+    if backend != "torch" and grad.dtype != torch.float64 and c.dtype != torch.float64:
+        cf, lamf, Bk = _kernel_operands(c, lam, B, grad.dtype)
+        if backend == "triton":
+            from .triton import spectral_reweight as tk
+
+            dc, dlam = tk.backward(grad, cf, lamf, Bk, need_dc)
+        elif backend == "cuda":
+            from .cuda import load_extension
+
+            dc, dlam = load_extension().reweight_backward(grad, cf, lamf, Bk, need_dc)
+        if backend in ("triton", "cuda"):
+            return (dc.to(c.dtype) if need_dc else c.new_empty(0)), dlam.to(lam.dtype)
+    acc = c.dtype
     gb = grad.to(acc) @ B.to(acc).T  # (n, K)
-    dlam = (gb * c).sum(0)
-    dc = gb * la
-    dc_pad = pad_packed(dc.T.contiguous(), offsets)  # (U, kmax, n)
-    dz = torch.bmm(dc_pad.transpose(1, 2), pad_packed(Ra, offsets))  # (U, n, q)
-    return dz.transpose(0, 1).to(Z.dtype), dlam.to(lam.dtype)
+    dlam = (gb * c).sum(0).to(lam.dtype)
+    return ((gb * lam.to(acc)) if need_dc else c.new_empty(0)), dlam
 
 
-# -- dispatch ------------------------------------------------------------------------
-def _kernel_inputs(Z, R, t, lam, B, backend):
-    """Kernels take one dtype (fp32/fp16/bf16); float64 stays on the torch path."""
-    if Z.dtype == torch.float64:
-        return "torch", (R, t, lam, B)
-    return backend, tuple(x.to(Z.dtype) for x in (R, t, lam, B))
+@torch.library.custom_op("residual_fast::reweight", mutates_args=())
+def _reweight_op(c: torch.Tensor, lam: torch.Tensor, B: torch.Tensor, out_dtype: torch.dtype,
+                 backend: str) -> torch.Tensor:
+    return _run_forward(c, lam, B, out_dtype, choose(backend, c.device))
 
 
-def _run_forward(Z, R, t, lam, B, offsets, backend):
-    if backend != "torch":
-        backend, (R, t, lam, B) = _kernel_inputs(Z, R, t, lam, B, backend)
-    if backend == "triton":
-        from .triton import spectral_reweight as tk
-
-        return tk.forward(Z, R, t, lam, B, offsets)
-    if backend == "cuda":
-        from .cuda import load_extension
-
-        return load_extension().spectral_reweight_forward(Z, R, t, lam, B, offsets)
-    return _torch_forward(Z, R, t, lam, B, offsets)
+@_reweight_op.register_fake
+def _(c, lam, B, out_dtype, backend):
+    return c.new_empty(c.shape[0], B.shape[1], dtype=out_dtype)
 
 
-def _run_backward(grad, Z, R, t, lam, B, offsets, backend):
-    lam_dtype = lam.dtype
-    if backend != "torch":
-        backend, (R, t, lam, B) = _kernel_inputs(Z, R, t, lam, B, backend)
-        grad = grad.to(Z.dtype)
-    if backend == "triton":
-        from .triton import spectral_reweight as tk
-
-        dz, dlam = tk.backward(grad, Z, R, t, lam, B, offsets)
-        return dz, dlam.to(lam_dtype)
-    if backend == "cuda":
-        from .cuda import load_extension
-
-        dz, dlam = load_extension().spectral_reweight_backward(grad.contiguous(), Z, R, t, lam, B, offsets)
-        return dz, dlam.to(lam_dtype)
-    return _torch_backward(grad, Z, R, t, lam, B, offsets)
+@torch.library.custom_op("residual_fast::reweight_backward", mutates_args=())
+def _reweight_backward_op(grad: torch.Tensor, c: torch.Tensor, lam: torch.Tensor, B: torch.Tensor, need_dc: bool,
+                          backend: str) -> tuple[torch.Tensor, torch.Tensor]:
+    dc, dlam = _run_backward(grad, c, lam, B, need_dc, choose(backend, c.device))
+    return dc.contiguous(), dlam.contiguous()  # the layout the fake promises, whatever the backend returns
 
 
-@torch.library.custom_op("residual_fast::spectral_reweight", mutates_args=())
-def _spectral_reweight_op(Z: torch.Tensor, R: torch.Tensor, t: torch.Tensor, lam: torch.Tensor,
-                          B: torch.Tensor, offsets: torch.Tensor, backend: str) -> torch.Tensor:
-    backend = choose(backend, Z.device)
-    return _run_forward(Z.contiguous(), R.contiguous(), t.contiguous(), lam.contiguous(), B.contiguous(),
-                        offsets.contiguous(), backend)
-
-
-@_spectral_reweight_op.register_fake
-def _(Z, R, t, lam, B, offsets, backend):
-    return Z.new_empty(Z.shape[0], B.shape[1])
-
-
-@torch.library.custom_op("residual_fast::spectral_reweight_backward", mutates_args=())
-def _spectral_reweight_backward_op(grad: torch.Tensor, Z: torch.Tensor, R: torch.Tensor, t: torch.Tensor,
-                                   lam: torch.Tensor, B: torch.Tensor, offsets: torch.Tensor,
-                                   backend: str) -> tuple[torch.Tensor, torch.Tensor]:
-    backend = choose(backend, Z.device)
-    dz, dlam = _run_backward(grad.contiguous(), Z.contiguous(), R.contiguous(), t.contiguous(), lam.contiguous(),
-                             B.contiguous(), offsets.contiguous(), backend)
-    return dz.contiguous(), dlam.contiguous()  # the layout the fake promises, whatever the backend returns
-
-
-@_spectral_reweight_backward_op.register_fake
-def _(grad, Z, R, t, lam, B, offsets, backend):
-    return Z.new_empty(Z.shape), lam.new_empty(lam.shape)  # contiguous, as the real op returns
+@_reweight_backward_op.register_fake
+def _(grad, c, lam, B, need_dc, backend):
+    return (c.new_empty(c.shape) if need_dc else c.new_empty(0)), lam.new_empty(lam.shape)
 
 
 def _setup_context(ctx, inputs, output):
-    Z, R, t, lam, B, offsets, backend = inputs
-    ctx.save_for_backward(Z, R, t, lam, B, offsets)
+    c, lam, B, out_dtype, backend = inputs
+    ctx.save_for_backward(c, lam, B)
     ctx.backend = backend
 
 
 def _backward(ctx, grad):
-    Z, R, t, lam, B, offsets = ctx.saved_tensors
-    need_z, need_lam = ctx.needs_input_grad[0], ctx.needs_input_grad[3]
-    if not (need_z or need_lam):
-        return None, None, None, None, None, None, None
-    dz, dlam = _spectral_reweight_backward_op(grad, Z, R, t, lam, B, offsets, ctx.backend)
-    return (dz if need_z else None), None, None, (dlam if need_lam else None), None, None, None
+    c, lam, B = ctx.saved_tensors
+    need_c, need_lam = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+    if not (need_c or need_lam):
+        return None, None, None, None, None
+    dc, dlam = _reweight_backward_op(grad, c, lam, B, need_c, ctx.backend)
+    return (dc if need_c else None), (dlam if need_lam else None), None, None, None
 
 
-_spectral_reweight_op.register_autograd(_backward, setup_context=_setup_context)
+_reweight_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+def reweight(c: torch.Tensor, lam: torch.Tensor, B: torch.Tensor, out_dtype: torch.dtype | None = None,
+             backend: str = "auto") -> torch.Tensor:
+    """``(c * lam) @ B``: (n, K) coefficients, (K,) weights, (K, D) components -> (n, D) in ``out_dtype``
+    (default ``B``'s). Kernels compute in ``out_dtype`` on tensor cores (fp32 as 3xTF32), accumulate in fp32.
+    Differentiable in ``c`` and ``lam``."""
+    if c.ndim != 2 or lam.shape != (c.shape[1],) or B.ndim != 2 or B.shape[0] != c.shape[1]:
+        raise ValueError(f"expected c (n, K), lam (K,), B (K, D); got {tuple(c.shape)}, {tuple(lam.shape)}, "
+                         f"{tuple(B.shape)}")
+    choose(backend, c.device)  # fail early, outside the op, with a clear message
+    return _reweight_op(c, lam, B, out_dtype or B.dtype, backend)
 
 
 def spectral_reweight(Z: torch.Tensor, R: torch.Tensor, t: torch.Tensor, lam: torch.Tensor, B: torch.Tensor,
-                      offsets: torch.Tensor, backend: str = "auto") -> torch.Tensor:
+                      offsets: torch.Tensor, backend: str = "auto", *,
+                      layout: PackedLayout | None = None) -> torch.Tensor:
     """Sum over units of the re-weighted spectral coefficients mapped back to output space.
 
     Args:
@@ -203,14 +238,20 @@ def spectral_reweight(Z: torch.Tensor, R: torch.Tensor, t: torch.Tensor, lam: to
         t: (K,) coefficient offsets.
         lam: (K,) weights.
         B: (K, D) packed components.
-        offsets: (U + 1,) int64; unit ``u`` owns packed rows ``offsets[u]:offsets[u+1]``.
+        offsets: (U + 1,) int64; unit ``u`` owns packed rows ``offsets[u]:offsets[u+1]`` (on the inputs'
+            device or on the CPU).
         backend: ``"auto"``, ``"torch"``, ``"triton"`` or ``"cuda"`` (``RESIDUAL_FAST_BACKEND``
-            overrides ``"auto"``).
+            overrides ``"auto"``); it selects the :func:`reweight` GEMM.
+        layout: :func:`packed_layout` of ``offsets``, computed once: with it the torch path has no
+            device-to-host sync (reading GPU ``offsets`` on every call would be one).
 
     Returns:
         (n, D) in ``Z``'s dtype, accumulated in fp32 (fp64 for fp64 inputs).
-        Differentiable in ``Z`` and ``lam``.
+        Differentiable in ``Z`` (only computed when ``Z`` requires grad) and ``lam``.
     """
     _check(Z, R, t, lam, B, offsets)
-    choose(backend, Z.device)  # fail early, outside the op, with a clear message
-    return _spectral_reweight_op(Z, R, t, lam, B, offsets, backend)
+    kind = choose(backend, Z.device)  # fail early, outside the op, with a clear message
+    c = coefficients(Z, R, t, offsets, layout)
+    if kind != "torch":
+        c = c.contiguous()  # row-major (n, K): the layout the kernels are tuned and checked for
+    return _reweight_op(c, lam, B, Z.dtype, backend)
