@@ -178,6 +178,33 @@ def load(name: str, *, pretrained: bool = True, config=None, device: str | torch
     return loaded
 
 
+def _default_hf_preprocess(config):
+    """The family's own image processor with its default statistics, at the model's image size (for random
+    weights, or a saved model without processor files)."""
+    import transformers as tf
+    from transformers.image_utils import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+
+    size = getattr(getattr(config, "vision_config", config), "image_size", 224)
+    square = {"height": size, "width": size}
+    makers = {
+        "clip": lambda: tf.CLIPImageProcessor(size={"shortest_edge": size}, crop_size=square),
+        "blip": lambda: tf.BlipImageProcessor(size=square),
+        "vit": lambda: tf.ViTImageProcessor(size=square),
+        "dinov2": lambda: tf.BitImageProcessor(size={"shortest_edge": size}, crop_size=square,
+                                               image_mean=IMAGENET_DEFAULT_MEAN, image_std=IMAGENET_DEFAULT_STD),
+    }
+    make = makers.get("dinov2" if config.model_type.startswith("dinov2") else config.model_type)
+    if make is None:
+        return None
+    processor = make()
+
+    def preprocess(img, _p=processor):
+        return _p(images=img.convert("RGB") if hasattr(img, "convert") else img,
+                  return_tensors="pt")["pixel_values"][0]
+
+    return preprocess
+
+
 def _load_hf(name: str, repo: str, pretrained: bool, config, device) -> LoadedModel:
     import transformers as tf
 
@@ -207,8 +234,10 @@ def _load_hf(name: str, repo: str, pretrained: bool, config, device) -> LoadedMo
 
             def preprocess(img, _p=processor):
                 return _p(images=img, return_tensors="pt")["pixel_values"][0]
-        except Exception:  # noqa: BLE001 - preprocessing is optional
+        except Exception:  # noqa: BLE001 - no processor files: the family's defaults below
             preprocess = None
+    if preprocess is None:
+        preprocess = _default_hf_preprocess(config)
         if config.model_type in ("clip", "blip"):
             try:
                 tokenizer = tf.AutoTokenizer.from_pretrained(repo)

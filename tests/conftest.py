@@ -62,3 +62,19 @@ def small():
 @pytest.fixture(scope="session")
 def calib(small):
     return images_for(small, 96, seed=1)
+
+
+@pytest.fixture(scope="session")
+def tiny_hf_clip(tmp_path_factory):
+    """A small random HF CLIP saved as a local folder: ``hf:PATH --pretrained`` loads it offline."""
+    import transformers as tf
+
+    path = tmp_path_factory.mktemp("models") / "tiny-clip"
+    torch.manual_seed(0)
+    cfg = tf.CLIPConfig(text_config=dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                         num_attention_heads=2, max_position_embeddings=77, vocab_size=49408),
+                        vision_config=dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                           num_attention_heads=2, image_size=32, patch_size=16),
+                        projection_dim=32)
+    tf.CLIPModel(cfg).save_pretrained(path)
+    return path

@@ -12,6 +12,8 @@ from residual_fast.cli import main as cli_main
 MODEL = ["--image-size", "32", "--no-progress"]
 
 
+
+
 @pytest.fixture(scope="module")
 def folder(tmp_path_factory):
     from PIL import Image
@@ -26,7 +28,9 @@ def folder(tmp_path_factory):
     return root.resolve()
 
 
-def test_folder_classes_flow_from_cache_to_head_to_eval(folder, tmp_path, capsys):
+def test_folder_classes_flow_from_cache_to_head_to_eval(folder, tiny_hf_clip, tmp_path, capsys):
+    """The adopter's path: an HF CLIP saved locally, an image folder by absolute path."""
+    MODEL = ["--model", f"hf:{tiny_hf_clip}", "--pretrained", "--no-progress"]
     for split in ("train", "val"):
         assert cli_main(["cache", *MODEL, "--dataset", str(folder), "--split", split, "--out",
                          str(tmp_path / split)]) == 0
@@ -61,6 +65,7 @@ def test_folder_classes_flow_from_cache_to_head_to_eval(folder, tmp_path, capsys
     capsys.readouterr()
     assert cli_main(["eval", *MODEL, "--fit", str(tmp_path / "fit"), "--cache", str(tmp_path / "digits")]) == 2
     assert "fitted for 3 classes" in capsys.readouterr().err
+    assert not any(p.suffix not in (".png",) for p in folder.rglob("*") if p.is_file())  # nothing written there
 
 
 @pytest.mark.parametrize("command", [["analyze", "--datasets", "digits"], ["cache"], ["calibrate"]])

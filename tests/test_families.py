@@ -185,6 +185,12 @@ def test_load_by_name_offline():
         assert all(torch.equal(x, y) for x, y in zip(a.model.state_dict().values(), b.model.state_dict().values(),
                                                      strict=True))
     assert tuple(tm.preprocess(__import__("PIL").Image.new("RGB", (50, 40))).shape) == (3, 32, 32)
+    # random HF weights get the family's processor at the model's size: CLIP's published mean / std
+    x = hf.preprocess(__import__("PIL").Image.new("RGB", (50, 40), (128, 128, 128)))
+    size = hf.model.config.vision_config.image_size
+    mean, std = torch.tensor([0.48145466, 0.4578275, 0.40821073]), torch.tensor([0.26862954, 0.26130258, 0.27577711])
+    torch.testing.assert_close(x, ((128 / 255 - mean) / std)[:, None, None].expand(3, size, size), atol=1e-3,
+                               rtol=0)
     with pytest.raises(ValueError, match="start with one of"):
         rf.load("ViT-B-32")
     with pytest.raises(RuntimeError, match="could not create timm model"):
