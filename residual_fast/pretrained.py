@@ -54,6 +54,9 @@ def get_residual_model(model: nn.Module, calibration_data: Iterable | torch.Tens
                        backend: str = "auto", **adapter_kwargs) -> ResiDualVisual:
     """Fit the spectral bases of ``model`` on ``calibration_data`` and return it adapted (trainable lambdas).
 
+    The model's own parameters are frozen (``requires_grad=False``, as ``peft.get_peft_model`` does), so
+    ``[p for p in adapted.parameters() if p.requires_grad]`` is exactly the lambdas.
+
     The one-call form of ``rf.fit_bases`` + ``rf.ResiDual.from_bases`` + ``rf.ResiDualVisual``.
 
     Args:
@@ -75,6 +78,8 @@ def get_residual_model(model: nn.Module, calibration_data: Iterable | torch.Tens
     pca_units = ("head",) if VARIANTS[variant]["scalar"] else tuple(units)
     batches = [calibration_data] if isinstance(calibration_data, torch.Tensor) else calibration_data
     bases = fit_bases(model, batches, pca_units, rtol=rtol, progress=progress, max_batches=max_batches)
+    # as PEFT does: the base weights are frozen, so the optimizer sees only the lambdas
+    model.requires_grad_(False)
     return ResiDualVisual(model, ResiDual.from_bases(bases, variant, **adapter_kwargs), backend=backend)
 
 

@@ -243,6 +243,9 @@ def test_peft_style_round_trip_small_float32_files(tmp_path, fitted):
     x = images_for(v, 3)
     model = rf.get_residual_model(v, calib, "fine")
     assert isinstance(model, rf.ResiDualVisual)
+    # PEFT's convention: the base weights are frozen, only the lambdas train
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    assert sum(p.numel() for p in trainable) == model.adapter.num_parameters() > 0
     with torch.no_grad():
         model.adapter.lambdas["head"].mul_(0.5).add_(0.3)  # "trained"
         want = model(x)
