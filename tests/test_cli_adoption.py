@@ -51,6 +51,13 @@ def test_folder_classes_flow_from_cache_to_head_to_eval(folder, tiny_hf_clip, tm
     report = (tmp_path / "fit" / "report.md").read_text()
     assert "base (model output)" in report and "3 classes" in report
 
+    # a baseline with a prototype head reads only the caches: no model is built (this one does not exist)
+    nomodel = ["--model", "hf:/no/such/model", "--no-progress"]
+    assert cli_main(["fit", *nomodel, "--train-cache", str(tmp_path / "train"), "--val-cache", str(tmp_path / "val"),
+                     "--method", "linear", "--head", "prototype", "--epochs", "1", "--out", str(tmp_path / "lin")]) == 0
+    assert cli_main(["eval", *nomodel, "--fit", str(tmp_path / "lin"), "--cache", str(tmp_path / "val")]) == 0
+    capsys.readouterr()
+
     # another dataset's names are refused instead of silently used
     assert cli_main([*fit, "--dataset", "digits", "--out", str(tmp_path / "bad")]) == 2
     assert "10 classes" in capsys.readouterr().err
