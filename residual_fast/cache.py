@@ -359,6 +359,8 @@ def _build_cache_distributed(visual: nn.Module, batches: Iterable, folder: Path,
                 if not complete and not resume:
                     raise FileExistsError(f"{folder} holds a partial cache; pass resume=True or use a new folder")
             else:
+                for stale in folder.glob("part-*-of-*.json"):  # a new cache: parts of another run do not count
+                    stale.unlink()
                 write_json_atomic(manifest_path, {"kind": "activation_cache", "version": __version__,
                                                   "fingerprint": fingerprint, "shards": [], "complete": False,
                                                   "seconds": 0.0, "source": source, "world_size": world,
