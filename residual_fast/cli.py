@@ -293,7 +293,9 @@ def cmd_fit(args) -> None:
     base_acc = evaluate(method_forward("zeroshot", None), val, head, process_group=args.process_group)
     bases = None
     if args.method in RESIDUAL_METHODS:
-        units = ("head", "mlp") if args.method == "full" else ("head",)
+        from .residual import VARIANTS
+
+        units = VARIANTS[args.method]["units"]
         bases = (SpectralBases.load(args.bases, model.visual) if args.bases
                  else fit_bases_from_cache(train_cache, model.visual, units, progress=not args.no_progress,
                                            process_group=args.process_group))

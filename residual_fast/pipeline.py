@@ -21,6 +21,7 @@ from .data.datasets import dataset_slug
 from .decompose import eval_mode
 from .loading import load, load_open_clip
 from .report import plot_lambdas, plot_spectra, write_results
+from .residual import VARIANTS
 from .spectral import SpectralBases, fit_bases
 from .train import METHODS, evaluate, fit_method, method_forward
 
@@ -104,20 +105,18 @@ def run_methods(methods, data: PreparedData, head: Classifier, visual: nn.Module
         if method not in METHODS:
             raise ValueError(f"unknown method {method!r}; choose from {METHODS}")
         start = time.perf_counter()
-        bases = None
-        if method in ("coarse", "fine", "full") and bases is not None:
-            units = ("head", "mlp") if method == "full" else ("head",)
-            if not set(units) <= set(bases.units):
-                raise ValueError(f"method {method!r} needs bases of {units}, the given ones cover {bases.units}")
-            bases_m = bases
-        elif method in ("coarse", "fine", "full"):
-            units = ("head", "mlp") if method == "full" else ("head",)
-            if units not in bases_cache:
-                bases_cache[units] = fit_bases_from_cache(data.caches["train"], visual, units, progress=progress,
-                                                          process_group=process_group)
-            bases_m = bases_cache[units]
-        else:
-            bases_m = None
+        bases_m = None
+        if method in VARIANTS:
+            units = VARIANTS[method]["units"]
+            if bases is not None:
+                if not set(units) <= set(bases.units):
+                    raise ValueError(f"method {method!r} needs bases of {units}, the given ones cover {bases.units}")
+                bases_m = bases
+            else:
+                if units not in bases_cache:
+                    bases_cache[units] = fit_bases_from_cache(data.caches["train"], visual, units,
+                                                              progress=progress, process_group=process_group)
+                bases_m = bases_cache[units]
         calib = time.perf_counter() - start
         module, res = fit_method(method, data.splits["train"], data.splits["val"], head, bases=bases_m,
                                  epochs=epochs, seed=seed, progress=progress, process_group=process_group)
@@ -258,8 +257,8 @@ def reproduce(models: list[str], datasets: list[str], methods: list[str], out: s
     rows = []
     main = is_main(process_group)
     write = (lambda: write_results(rows, out)) if main else (lambda: None)
-    adapted = [m for m in methods if m in ("coarse", "fine", "full")]
-    units = ("head", "mlp") if "full" in adapted else ("head",)
+    adapted = [m for m in methods if m in VARIANTS]
+    units = tuple(k for k in ("head", "mlp") if any(k in VARIANTS[m]["units"] for m in adapted))
     for spec in models:
         name, tag = (spec, "pretrained") if ":" in spec else (spec.partition("/")[0], spec.partition("/")[2])
         try:

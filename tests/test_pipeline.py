@@ -295,3 +295,19 @@ def test_reproduce_grid_offline_records_failures(tmp_path):
     assert "unknown open_clip model" in errors[("ViT-Q-99", "-")]
     assert "could not create timm model" in errors[("timm:vit_tiny_patch16_224", "-")]  # offline: no weights
     assert (tmp_path / "results.csv").read_text().startswith("model,weights,dataset,method")
+
+
+def test_run_methods_uses_the_given_calibration_bases(planted):
+    """The paper's protocol: bases fitted once elsewhere are the ones every variant trains on (none refitted
+    from the target's train cache)."""
+    from types import SimpleNamespace
+
+    from residual_fast.pipeline import PreparedData, run_methods
+
+    v, bases, splits, head = planted
+    no_cache = SimpleNamespace(seconds=0.0)  # refitting would need the cache's shards: there are none
+    data = PreparedData({"train": no_cache}, splits, {k: len(s) for k, s in splits.items()})
+    rows, modules = run_methods(["fine", "full"], data, head, v, epochs=1, seed=0, progress=False, info={},
+                                bases=bases)
+    assert [r["method"] for r in rows] == ["fine", "full"]
+    assert modules["fine"][1] is bases and modules["full"][1] is bases
