@@ -339,15 +339,12 @@ def _cache_batches(adapter, batches: Iterable, folder: Path, record: dict, recor
 
 def _build_cache_distributed(visual: nn.Module, batches: Iterable, folder: Path, *, dtype, resume: bool,
                              progress: bool, source: dict | None, labeling: dict, group) -> ActivationCache:
-    from .distributed import barrier, gather_objects, raise_if_any, rank_and_size
+    from .distributed import barrier, check_same_model, gather_objects, raise_if_any, rank_and_size
 
     rank, world = rank_and_size(group)
     adapter = get_adapter(visual)
     fingerprint = adapter.spec().fingerprint()
-    for r, other in enumerate(gather_objects(fingerprint, group)):
-        why = fingerprint_mismatch(other, fingerprint)
-        if why:
-            raise ValueError(f"the ranks hold different models (rank {r}: {why})")
+    check_same_model(fingerprint, group)
     manifest_path = folder / MANIFEST
     error, complete = None, False
     if rank == 0:  # the shared manifest: checked (or created) once, before any rank writes

@@ -124,18 +124,14 @@ def _load(args):
 
 def _loader(args, preprocess):
     """The split's loader; under torchrun, over this rank's contiguous block of it."""
-    from torch.utils.data import DataLoader, Subset
-
     from .data.splits import stratified_subset
-    from .distributed import shard_range
+    from .distributed import shard_loader
     from .pipeline import load_splits
 
     data, idx = load_splits(args.dataset, root=args.root, transform=preprocess, seed=args.seed)[args.split]
     if args.max_images is not None:  # every class keeps its share (the split is sorted by class)
         idx = stratified_subset(data.labels, idx, args.max_images, seed=args.seed)
-    lo, hi = shard_range(idx.numel(), args.process_group, args.batch_size)
-    return data, DataLoader(Subset(data.dataset, idx[lo:hi].tolist()), batch_size=args.batch_size, shuffle=False,
-                            num_workers=args.workers)
+    return data, shard_loader(data.dataset, idx, args.batch_size, args.process_group, args.workers)
 
 
 def _main_rank(args) -> bool:

@@ -11,11 +11,10 @@ Python API::
 
     import torch.distributed as dist
     import residual_fast as rf
-    from residual_fast.distributed import shard_range
+    from residual_fast.distributed import shard_loader
 
     dist.init_process_group("gloo")          # or "nccl", one GPU per rank
-    lo, hi = shard_range(len(dataset), dist.group.WORLD)
-    loader = DataLoader(Subset(dataset, range(lo, hi)), batch_size=128)
+    loader = shard_loader(dataset, torch.arange(len(dataset)), 128, dist.group.WORLD)
     bases = rf.fit_bases(visual, loader, process_group=dist.group.WORLD)   # equal on every rank
 """
 
@@ -54,6 +53,25 @@ def block(n: int, rank: int, world: int) -> tuple[int, int]:
     return n * rank // world, n * (rank + 1) // world
 
 
+def shard_loader(dataset, idx: torch.Tensor, batch_size: int, group: Group | None, workers: int = 0):
+    """A DataLoader over this rank's block (whole batches, see :func:`shard_range`) of ``dataset[idx]``."""
+    from torch.utils.data import DataLoader, Subset
+
+    lo, hi = shard_range(idx.numel(), group, batch_size)
+    return DataLoader(Subset(dataset, idx[lo:hi].tolist()), batch_size=batch_size, shuffle=False,
+                      num_workers=workers)
+
+
+def check_same_model(fingerprint: dict, group: Group | None) -> None:
+    """Raise on every rank if any rank holds another model (a collective: every rank must call it)."""
+    from .models import fingerprint_mismatch
+
+    for rank, other in enumerate(gather_objects(fingerprint, group)):
+        why = fingerprint_mismatch(other, fingerprint)
+        if why:
+            raise ValueError(f"the ranks hold different models (rank {rank}: {why})")
+
+
 def shard_range(n: int, group: Group | None, batch_size: int = 1) -> tuple[int, int]:
     """This rank's block ``[lo, hi)`` of ``n`` items: disjoint, covering, in rank order.
 
@@ -87,15 +105,6 @@ def all_reduce_count(x: int, group: Group | None) -> int:
     return int(all_reduce_sum(torch.tensor([x], dtype=torch.int64), group).item())
 
 
-def broadcast_object(obj: Any, group: Group | None, src_rank: int = 0) -> Any:
-    """``obj`` of group rank ``src_rank`` on every rank (a JSON-able status or error, not user data)."""
-    if not active(group):
-        return obj
-    box = [obj]
-    dist.broadcast_object_list(box, src=dist.get_global_rank(group, src_rank), group=group)
-    return box[0]
-
-
 def gather_objects(obj: Any, group: Group | None) -> list[Any]:
     """Every rank's ``obj`` in rank order, on every rank."""
     if not active(group):
@@ -124,13 +133,9 @@ def broadcast_parameters(module: nn.Module, group: Group | None) -> None:
     """Make every rank start from rank 0's parameters and buffers."""
     if not active(group):
         return
-    src = dist.get_global_rank(group, 0)
-    for t in (*module.parameters(), *module.buffers()):
-        dev = collective_device(group, t.device)
-        buf = t.detach().to(dev, copy=True)
-        dist.broadcast(buf, src=src, group=group)
-        with torch.no_grad():
-            t.copy_(buf.to(t.device))
+    with torch.no_grad():
+        for t in (*module.parameters(), *module.buffers()):
+            t.copy_(broadcast_tensor(t, group))
 
 
 def all_reduce_gradients(params: list[nn.Parameter], group: Group | None) -> None:

@@ -12,7 +12,6 @@ from pathlib import Path
 
 import torch
 from torch import nn
-from torch.utils.data import DataLoader, Subset
 
 from .cache import ActivationCache, CachedSplit, build_cache, fit_bases_from_cache
 from .classifiers import Classifier, prototype_head, text_head
@@ -65,15 +64,13 @@ def cache_splits(visual: nn.Module, parts: dict, folder: Path, *, batch_size: in
     With ``process_group`` every rank caches its contiguous block of each split into the shared folder.
     """
     from .data.splits import stratified_subset
-    from .distributed import shard_range
+    from .distributed import shard_loader
 
     caches = {}
     for split, (data, idx) in parts.items():
         if max_images is not None:
             idx = stratified_subset(data.labels, idx, max_images, seed=seed)
-        lo, hi = shard_range(idx.numel(), process_group, batch_size)
-        loader = DataLoader(Subset(data.dataset, idx[lo:hi].tolist()), batch_size=batch_size, shuffle=False,
-                            num_workers=workers)
+        loader = shard_loader(data.dataset, idx, batch_size, process_group, workers)
         source = {"dataset": data.name, "split": split, "seed": seed, "max_images": max_images,
                   "images": int(idx.numel()), "batch_size": batch_size}
         caches[split] = build_cache(visual, loader, folder / split, progress=progress, source=source,
@@ -218,15 +215,13 @@ def calibration_bases(loaded, units: tuple[str, ...], dataset: str, *, images: i
     """Bases streamed from ``dataset``'s train split (a seeded stratified subset of ``images``), sharded over
     ``process_group``; returns them and a description of the calibration set for the results."""
     from .data.splits import stratified_subset
-    from .distributed import shard_range
+    from .distributed import shard_loader
 
     data = load_dataset(dataset, "train", root=root, transform=loaded.preprocess, download=dataset != "imagenet")
     idx = torch.arange(len(data))
     if images is not None:
         idx = stratified_subset(data.labels, idx, images, seed=seed)
-    lo, hi = shard_range(idx.numel(), process_group, batch_size)
-    loader = DataLoader(Subset(data.dataset, idx[lo:hi].tolist()), batch_size=batch_size, shuffle=False,
-                        num_workers=workers)
+    loader = shard_loader(data.dataset, idx, batch_size, process_group, workers)
     bases = fit_bases(loaded.visual, loader, units, progress=progress, process_group=process_group)
     return bases, {"bases": f"{dataset} train", "bases_images": int(idx.numel())}
 

@@ -140,13 +140,10 @@ class UnitMoments:
 
     def all_reduce(self, group) -> UnitMoments:
         """Merge the moments of every rank of ``group`` (a ``torch.distributed`` group) into each rank's."""
-        from .distributed import active, gather_objects
+        from .distributed import active, check_same_model
 
         if active(group):
-            for rank, other in enumerate(gather_objects(self.fingerprint, group)):
-                why = fingerprint_mismatch(other, self.fingerprint)
-                if why:
-                    raise ValueError(f"cannot merge moments of different models across ranks (rank {rank}: {why})")
+            check_same_model(self.fingerprint, group)
             for kind in UNIT_KINDS:
                 self.moments[kind].all_reduce(group)
         return self

@@ -145,7 +145,7 @@ def fit(module: nn.Module, forward: Callable, train: CachedSplit, val: CachedSpl
         total, count = 0.0, 0
         for batch in torch.randperm(len(train), generator=gen).split(batch_size):
             # this rank's share of the global batch; the loss is its share of the batch mean
-            idx = batch.tensor_split(world)[rank] if world > 1 else batch
+            idx = batch.tensor_split(world)[rank]
             logits = head(forward(train, idx))
             loss = F.cross_entropy(logits, train.labels[idx].to(logits.device), reduction="sum") / batch.numel()
             opt.zero_grad(set_to_none=True)

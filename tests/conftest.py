@@ -78,3 +78,12 @@ def tiny_hf_clip(tmp_path_factory):
                         projection_dim=32)
     tf.CLIPModel(cfg).save_pretrained(path)
     return path
+
+
+@pytest.fixture(scope="module")
+def fitted():
+    """A small ViT and its head + MLP bases; one per test module (tests may change the model's flags)."""
+    from residual_fast import fit_bases
+
+    v = small_visual("w64h4p8")
+    return v, fit_bases(v, [images_for(v, 64, seed=1)], units=("head", "mlp"), progress=False)

@@ -20,13 +20,6 @@ def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a.float() - b.float()).abs().max() / b.float().abs().max()).item()
 
 
-@pytest.fixture(scope="module")
-def fitted():
-    v = small_visual("w64h4p8")
-    bases = rf.fit_bases(v, [images_for(v, 64, seed=1)], units=("head", "mlp"), progress=False)
-    return v, bases
-
-
 def _cast(module, dtype, how):
     if how == "to":
         return module.to(dtype)

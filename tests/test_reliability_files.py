@@ -8,20 +8,13 @@ import shutil
 
 import pytest
 import torch
-from conftest import images_for, small_visual
+from conftest import images_for
 
 import residual_fast as rf
 from residual_fast.cache import MANIFEST, ActivationCache, build_cache
 from residual_fast.serialization import META, TENSORS, CorruptFileError
 
 CLEAR = (ValueError, FileNotFoundError, RuntimeError)  # CorruptFileError is a ValueError
-
-
-@pytest.fixture(scope="module")
-def fitted():
-    v = small_visual("w64h4p8")
-    bases = rf.fit_bases(v, [images_for(v, 64, seed=1)], units=("head", "mlp"), progress=False)
-    return v, bases
 
 
 def _adapter_out(folder, v, x):

@@ -8,11 +8,10 @@ import os
 
 import torch
 import torch.distributed as dist
-from torch.utils.data import DataLoader, Subset
 
 import residual_fast as rf
 from residual_fast.cache import build_cache
-from residual_fast.distributed import shard_range
+from residual_fast.distributed import shard_loader
 from residual_fast.pipeline import load_splits
 
 p = argparse.ArgumentParser()
@@ -28,8 +27,7 @@ torch.set_num_threads(1)
 loaded = rf.load("timm:vit_tiny_patch16_224", pretrained=False, img_size=32)
 data, idx = load_splits("digits", transform=loaded.preprocess, seed=0)["train"]
 idx = idx[: args.images]
-lo, hi = shard_range(idx.numel(), dist.group.WORLD, args.batch_size)
-loader = DataLoader(Subset(data.dataset, idx[lo:hi].tolist()), batch_size=args.batch_size)
+loader = shard_loader(data.dataset, idx, args.batch_size, dist.group.WORLD)
 
 
 class DiesAfter:
